@@ -1,0 +1,232 @@
+"""Typed configuration: the dataclass schemas Hydra composes into, and their validation.
+
+Every field is documented here; YAML files under ``conf/`` only fill in values. Validation runs once,
+in ``__post_init__``, when :func:`bloomtrain.config_loader.load_config` turns the composed OmegaConf
+tree into these objects. A user error raises :class:`ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must change; the message names the key and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+WANDB_MODES = ("offline", "online", "disabled")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the BLOOM decoder. Presets live in ``conf/model/``."""
+
+    name: str = "bloom-tiny"
+    """Preset name, recorded for the run's metadata."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    vocab_size: int = 4096
+    """Real vocabulary size; the embedding is padded up to a multiple of ``vocab_pad_multiple``."""
+    vocab_pad_multiple: int = 128
+    """Padding granularity of the embedding (multiplied by the tensor-parallel size)."""
+    layer_norm_epsilon: float = 1e-5
+    init_std: float | None = None
+    """Std of the normal init; null means sqrt(1 / (3 * hidden_size)), which gives BLOOM-176B's 0.0048."""
+    attention_softmax_in_fp32: bool = True
+    """Compute the attention softmax in fp32 when training in bf16/fp16, as BLOOM did."""
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "num_attention_heads", "vocab_size", "vocab_pad_multiple"):
+            _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"model.num_attention_heads={self.num_attention_heads} does not divide "
+            f"model.hidden_size={self.hidden_size}; pick a head count that divides the hidden size",
+        )
+        _require(
+            self.init_std is None or self.init_std > 0,
+            f"model.init_std must be positive or null, got {self.init_std}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def resolved_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(1.0 / (3.0 * self.hidden_size))
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        multiple = self.vocab_pad_multiple * tensor_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warm-up and decay, as BLOOM was trained."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 20
+    decay_steps: int | None = None
+    """Steps over which the LR decays to ``min_lr``; null means ``train.max_steps``."""
+    decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    """Applied to weight matrices only, never to biases, norms or embeddings' norm."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
+        _require(
+            0 <= self.min_lr <= self.lr,
+            f"optimizer.min_lr={self.min_lr} must lie in [0, optimizer.lr={self.lr}]",
+        )
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+        _require(
+            self.decay_style in LR_DECAY_STYLES,
+            f"optimizer.decay_style={self.decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}",
+        )
+        _require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must lie in [0, 1)")
+        _require(self.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks (gradient accumulation makes up the rest)."""
+    seq_length: int = 128
+    seed: int = 1234
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16."""
+    device: str = "auto"
+    """auto picks cuda when available, else cpu."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_length"):
+            _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
+        _require(
+            self.precision in PRECISIONS,
+            f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}",
+        )
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
+
+
+@dataclass
+class ParallelConfig:
+    """The (tensor, pipeline, data) layout. This release trains on one process."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    data: str = "auto"
+    """Data-parallel size, or auto = world_size / (tensor x pipeline)."""
+    zero_stage: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.tensor >= 1, f"parallel.tensor must be >= 1, got {self.tensor}")
+        _require(self.pipeline >= 1, f"parallel.pipeline must be >= 1, got {self.pipeline}")
+        _require(
+            self.data == "auto" or (str(self.data).isdigit() and int(self.data) >= 1),
+            f"parallel.data must be 'auto' or a positive integer, got {self.data!r}",
+        )
+        _require(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {self.zero_stage}")
+
+
+@dataclass
+class DataConfig:
+    blend: str | None = None
+    """Blend file written by the data pipeline; null trains on the bundled multilingual sample."""
+    cache_dir: str = "~/.cache/bloomtrain"
+    """Where the bundled sample's tokenizer and tokens are prepared on first use."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
+    keep: int = 2
+    """How many of the newest checkpoints to keep; 0 keeps all."""
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, "checkpoint.interval must be >= 0 (0 saves only at the end)")
+        _require(self.keep >= 0, "checkpoint.keep must be >= 0 (0 keeps all)")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (default) | online (needs WANDB_API_KEY or a wandb login) | disabled."""
+    project: str = "bloomtrain"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.mode in WANDB_MODES,
+            f"logging.wandb.mode={self.mode!r} is not one of {', '.join(WANDB_MODES)}",
+        )
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    """Print a progress line every N steps when stdout is not a terminal."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 1, "logging.interval must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    name: str = "bloomtrain"
+    dir: str = "runs/${run.name}"
+    """The run directory: config.yaml, metrics.jsonl, checkpoints/, wandb/."""
+
+
+@dataclass
+class BloomTrainConfig:
+    """The root config of ``python -m bloomtrain.train``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.train.global_batch_size % self.train.micro_batch_size == 0,
+            f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={self.train.micro_batch_size}; make it one",
+        )
+        decay_steps = self.optimizer.decay_steps or self.train.max_steps
+        _require(
+            self.optimizer.warmup_steps < decay_steps,
+            f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be smaller than the decay "
+            f"length ({decay_steps}); lower it or raise train.max_steps / optimizer.decay_steps",
+        )

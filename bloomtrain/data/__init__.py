@@ -1,0 +1,1 @@
+"""Data loading for training: blend files and megatron-core datasets."""

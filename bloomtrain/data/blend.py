@@ -1,0 +1,78 @@
+"""The blend file: which token datasets to train on, with what weights, and which tokenizer.
+
+Written by the data pipeline (and by the bundled sample's preparation), read by the trainer through
+``data.blend=PATH``. JSON, with paths relative to the file's own directory::
+
+    {"tokenizer": "tokenizer/tokenizer.model",
+     "datasets": [{"prefix": "tokens/en", "lang": "en", "tokens": 12345, "weight": 0.12}, ...]}
+
+``prefix`` names a Megatron ``PREFIX.bin``/``PREFIX.idx`` pair.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class BlendEntry:
+    prefix: str
+    weight: float
+    lang: str = ""
+    tokens: int = 0
+
+
+@dataclass
+class Blend:
+    tokenizer: str
+    datasets: list[BlendEntry]
+
+    @property
+    def prefixes(self) -> list[str]:
+        return [entry.prefix for entry in self.datasets]
+
+    @property
+    def weights(self) -> list[float]:
+        return [entry.weight for entry in self.datasets]
+
+
+def temperature_weights(token_counts: dict[str, int], alpha: float) -> dict[str, float]:
+    """Sampling weights proportional to (share of tokens) ** alpha, as BLOOM's language mixture."""
+    total = sum(token_counts.values())
+    raw = {name: (count / total) ** alpha for name, count in token_counts.items() if count > 0}
+    norm = sum(raw.values())
+    return {name: value / norm for name, value in raw.items()}
+
+
+def write_blend(path: Path, blend: Blend) -> None:
+    """Write ``blend`` to ``path``; its tokenizer and prefixes must be relative to ``path``'s folder."""
+    payload = {"tokenizer": blend.tokenizer, "datasets": [asdict(entry) for entry in blend.datasets]}
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_blend(path: str | Path) -> Blend:
+    """Read a blend file, resolving its paths, with errors that name ``data.blend``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.blend={path} does not exist; point it at the data pipeline's blend file")
+    try:
+        payload = json.loads(path.read_text())
+        root = path.parent
+        entries = [
+            BlendEntry(**{**entry, "prefix": str((root / entry["prefix"]).resolve())})
+            for entry in payload["datasets"]
+        ]
+        blend = Blend(tokenizer=str((root / payload["tokenizer"]).resolve()), datasets=entries)
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"data.blend={path} is not a valid blend file: {error!r}") from None
+    if not entries:
+        raise ValueError(f"data.blend={path} lists no datasets")
+    for entry in entries:
+        for suffix in (".bin", ".idx"):
+            if not Path(entry.prefix + suffix).is_file():
+                raise FileNotFoundError(f"data.blend={path}: missing {entry.prefix}{suffix}")
+    if not Path(blend.tokenizer).exists():
+        raise FileNotFoundError(f"data.blend={path}: missing tokenizer {blend.tokenizer}")
+    return blend

@@ -1,0 +1,105 @@
+"""Training batches from Megatron token datasets, through megatron-core's GPT/blended datasets.
+
+The order of samples is fixed by megatron-core's shuffled index (seeded by ``train.seed``); a step
+consumes the next ``global_batch_size`` samples of it, and each data-parallel rank takes its own
+contiguous slice. Resuming at ``consumed_samples`` therefore continues exactly where a run stopped,
+whatever the data-parallel size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.tokenizers import MegatronTokenizer
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bloomtrain.data.blend import Blend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchLayout:
+    """How one optimizer step's samples are cut into micro-batches on this data-parallel rank."""
+
+    micro_batch_size: int
+    global_batch_size: int
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
+
+    def __post_init__(self) -> None:
+        per_step = self.micro_batch_size * self.data_parallel_size
+        assert self.global_batch_size % per_step == 0, "validated at start-up"
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+
+def load_tokenizer(path: str):
+    """megatron-core's tokenizer for ``path`` (its metadata file sits beside the model)."""
+    return MegatronTokenizer.from_pretrained(path)
+
+
+def build_train_dataset(blend: Blend, tokenizer, seq_length: int, num_samples: int, seed: int,
+                        index_cache_dir: Path) -> Dataset:
+    """megatron-core's (blended) GPT dataset over the blend's prefixes, ``num_samples`` long."""
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend_per_split=[(blend.prefixes, blend.weights if len(blend.prefixes) > 1 else None), None, None],
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,  # causal masking happens inside attention
+        path_to_cache=str(index_cache_dir),
+    )
+    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
+    return train
+
+
+class MicroBatchSampler(Sampler[list[int]]):
+    """Yields this rank's micro-batches of sample indices, step after step, from ``consumed_samples``."""
+
+    def __init__(self, layout: BatchLayout, consumed_samples: int, total_samples: int) -> None:
+        self.layout = layout
+        self.consumed_samples = consumed_samples
+        self.total_samples = total_samples
+
+    def __iter__(self) -> Iterator[list[int]]:
+        layout = self.layout
+        per_rank = layout.global_batch_size // layout.data_parallel_size
+        for step_start in range(self.consumed_samples, self.total_samples, layout.global_batch_size):
+            rank_start = step_start + layout.data_parallel_rank * per_rank
+            for micro in range(layout.micro_batches_per_step):
+                first = rank_start + micro * layout.micro_batch_size
+                yield list(range(first, first + layout.micro_batch_size))
+
+    def __len__(self) -> int:
+        steps = (self.total_samples - self.consumed_samples) // self.layout.global_batch_size
+        return steps * self.layout.micro_batches_per_step
+
+
+def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, total_samples: int,
+                 num_workers: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Yield, for each optimizer step, the list of this rank's micro-batches (``tokens``, ``labels``)."""
+    loader = DataLoader(
+        dataset,
+        batch_sampler=MicroBatchSampler(layout, consumed_samples, total_samples),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+    micro_batches: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        micro_batches.append({"tokens": batch["tokens"], "labels": batch["labels"]})
+        if len(micro_batches) == layout.micro_batches_per_step:
+            yield micro_batches
+            micro_batches = []

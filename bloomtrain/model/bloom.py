@@ -1,0 +1,165 @@
+"""The BLOOM decoder as a plain ``nn.Module`` — no distributed code here.
+
+Architecture (BigScience, "BLOOM: A 176B-Parameter Open-Access Multilingual Language Model"):
+word embedding -> LayerNorm -> N pre-LN blocks [LN -> attention with ALiBi -> residual,
+LN -> tanh-GeLU 4h MLP -> residual] -> final LayerNorm -> LM head tied to the embedding.
+
+Parameter names mirror ``transformers``' ``BloomModel`` (without its ``transformer.`` prefix) so
+that conversion is a rename. Tensor and pipeline parallelism are applied to this module from
+``bloomtrain/parallel/`` afterwards; the attention keeps its ALiBi slopes in a buffer so a
+tensor-parallel wrapper can slice them per rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bloomtrain.config import ModelConfig
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """BLOOM's ALiBi slopes, including head counts that are not powers of two (fp32, shape [heads])."""
+    closest_power_of_2 = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest_power_of_2) - 3))), dtype=torch.float32)
+    powers = torch.arange(1, 1 + closest_power_of_2, dtype=torch.int32)
+    slopes = torch.pow(base, powers)
+    if closest_power_of_2 != num_heads:
+        # Remaining heads interleave the slopes of the next power of two, as in the ALiBi paper.
+        extra_base = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest_power_of_2) - 3))), dtype=torch.float32)
+        num_remaining = min(closest_power_of_2, num_heads - closest_power_of_2)
+        extra_powers = torch.arange(1, 1 + 2 * num_remaining, 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)])
+    return slopes
+
+
+def alibi_causal_bias(slopes: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias [1, heads, seq, seq]: ALiBi (slope x key position) plus the causal mask.
+
+    Using the key position rather than (key - query) distance is BLOOM's choice: the two differ by a
+    per-row constant, which softmax ignores.
+    """
+    positions = torch.arange(seq_length, device=slopes.device, dtype=torch.float32)
+    bias = slopes.float()[:, None, None] * positions[None, None, :]
+    causal = torch.ones(seq_length, seq_length, device=slopes.device, dtype=torch.bool).triu(1)
+    bias = bias.masked_fill(causal, float("-inf"))
+    return bias.unsqueeze(0).to(dtype)
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.softmax_in_fp32 = config.attention_softmax_in_fp32
+        # Per head, the fused projection holds [q, k, v] (BLOOM's layout): [heads, 3, head_dim].
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.register_buffer("alibi_slopes", alibi_slopes(self.num_heads), persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = hidden.shape
+        fused = self.query_key_value(hidden)
+        # The head count comes from the slopes, so a tensor-parallel copy holding a slice of the heads
+        # runs this same code.
+        local_heads = self.alibi_slopes.numel()
+        fused = fused.view(batch, seq, local_heads, 3, self.head_dim)
+        query, key, value = (fused[..., i, :].transpose(1, 2) for i in range(3))
+
+        compute_dtype = query.dtype
+        if self.softmax_in_fp32 and compute_dtype in (torch.float16, torch.bfloat16):
+            query, key, value = query.float(), key.float(), value.float()
+        bias = alibi_causal_bias(self.alibi_slopes, seq, query.dtype)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        context = context.to(compute_dtype).transpose(1, 2).reshape(batch, seq, local_heads * self.head_dim)
+        return self.dense(context)
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(hidden), approximate="tanh"))
+
+
+class BloomBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.self_attention = BloomAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = BloomMLP(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attention(self.input_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Bloom(nn.Module):
+    """BLOOM causal LM: ``model(input_ids)`` returns logits [batch, seq, padded_vocab]."""
+
+    def __init__(self, config: ModelConfig, padded_vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.padded_vocab_size = padded_vocab_size or config.padded_vocab_size()
+        self.word_embeddings = nn.Embedding(self.padded_vocab_size, config.hidden_size)
+        self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        for block in self.h:
+            hidden = block(hidden)
+        return F.linear(self.ln_f(hidden), self.word_embeddings.weight)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """BLOOM's init: normal(0, std) weights, output projections scaled by 1/sqrt(2 x layers),
+        zero biases, unit LayerNorms. Also (re)builds non-persistent buffers after a meta-device build.
+        """
+        generator = torch.Generator(device="cpu")
+        if seed is not None:
+            generator.manual_seed(seed)
+        std = self.config.resolved_init_std
+        output_std = std / math.sqrt(2.0 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith("self_attention.dense") or name.endswith("mlp.dense_4h_to_h")
+                _normal_(module.weight, output_std if is_output else std, generator)
+                module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                _normal_(module.weight, std, generator)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, BloomAttention):
+                module.alibi_slopes = alibi_slopes(module.num_heads).to(module.query_key_value.weight.device)
+
+
+def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    # Draw on the CPU with an explicit generator so the init is the same on every device and rank.
+    tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
+                padded_vocab_size: int | None = None) -> Bloom:
+    """Build on the meta device (no memory), then materialise on ``device`` and initialise."""
+    with torch.device("meta"):
+        model = Bloom(config, padded_vocab_size)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameter count of a config, computed on the meta device (works for BLOOM-176B on a laptop)."""
+    with torch.device("meta"):
+        model = Bloom(config)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,64 @@
+"""Per-rank training entry point: ``python -m bloomtrain.train [key=value ...] [group=name ...]``.
+
+Runs as one process on its own. Starting it again with the same ``run.dir`` resumes from that run's
+``checkpoints/latest``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from bloomtrain.config import ConfigError
+from bloomtrain.config_loader import describe_keys, load_config, to_yaml
+from bloomtrain.distributed import shutdown_distributed
+
+USAGE = """usage: python -m bloomtrain.train [key=value ...] [group=name ...]
+
+  python -m bloomtrain.train experiment=quickstart
+  python -m bloomtrain.train model=bloom-560m train.precision=bf16 data.blend=/data/roots/blend.json
+
+options:
+  --help       this text and every config key with its default
+  --cfg        print the composed, validated config and exit
+
+config keys:
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        print(USAGE + describe_keys())
+        return 0
+    print_only = "--cfg" in args
+    overrides = [arg for arg in args if arg != "--cfg"]
+    logging.basicConfig(level=os.environ.get("BLOOMTRAIN_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # megatron-core logs every index it builds at INFO; its warnings still come through.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        config = load_config(overrides)
+        if print_only:
+            print(to_yaml(config))
+            return 0
+        # megatron-core warns at import that Transformer Engine/Apex are absent; its torch fallbacks are
+        # what we use on CPU, so the warning is noise there.
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from bloomtrain.trainer import Trainer  # heavy imports only once the config is known to be good
+
+        trainer = Trainer(config)
+    except ConfigError as error:
+        print(f"bloomtrain: config error: {error}", file=sys.stderr)
+        return 2
+    try:
+        trainer.train()
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The CPU demo: set up, then train bloom-tiny on the bundled multilingual sample (a few hundred steps),
+# with checkpoints and an offline W&B run. Extra arguments are passed on as config overrides.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+py=$(bash "$repo/launch/setup.sh" | tail -n 1)
+cd "$repo"
+run_dir=${BLOOMTRAIN_RUN_DIR:-runs/quickstart-$(date +%Y%m%d-%H%M%S)}
+exec "$py" -m bloomtrain.train experiment=quickstart run.dir="$run_dir" "$@"

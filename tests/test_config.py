@@ -1,0 +1,92 @@
+"""Every shipped config composes and validates; bad overrides stop with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bloomtrain.config import BloomTrainConfig, ConfigError
+from bloomtrain.config_loader import CONF_DIR, describe_keys, load_config
+
+GROUP_CONFIGS = sorted(
+    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml")
+)
+
+
+def test_root_config_validates():
+    config = load_config()
+    assert isinstance(config, BloomTrainConfig)
+    assert config.model.name == "bloom-tiny"
+    assert config.logging.wandb.mode == "offline"
+
+
+@pytest.mark.parametrize("group,name", GROUP_CONFIGS, ids=[f"{g}/{n}" for g, n in GROUP_CONFIGS])
+def test_every_shipped_config_composes_and_validates(group, name):
+    config = load_config([f"{group}={name}"])
+    if group == "model":
+        assert config.model.name == name
+
+
+def test_every_yaml_is_covered():
+    yamls = {p.relative_to(CONF_DIR) for p in CONF_DIR.rglob("*.yaml")}
+    assert yamls == {Path("config.yaml")} | {Path(g) / f"{n}.yaml" for g, n in GROUP_CONFIGS}
+
+
+def test_published_shapes():
+    shapes = {"bloom-560m": (24, 1024, 16), "bloom-1b1": (24, 1536, 16), "bloom-1b7": (24, 2048, 16),
+              "bloom-3b": (30, 2560, 32), "bloom-7b1": (30, 4096, 32), "bloom-176b": (70, 14336, 112)}
+    for preset, (layers, hidden, heads) in shapes.items():
+        model = load_config([f"model={preset}"]).model
+        assert (model.num_layers, model.hidden_size, model.num_attention_heads) == (layers, hidden, heads)
+        assert model.vocab_size == 250880
+
+
+def test_overrides_apply():
+    config = load_config(["model=bloom-560m", "model.num_layers=2", "train.precision=bf16", "run.dir=/x"])
+    assert config.model.num_layers == 2 and config.model.hidden_size == 1024
+    assert config.train.precision == "bf16" and config.run.dir == "/x"
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.num_attention_heads=7", "model.hidden_size=64"], "model.num_attention_heads=7"),
+    (["train.max_stepz=3"], "unknown config key 'train.max_stepz' (did you mean 'train.max_steps'?)"),
+    (["+train.foo=3"], "unknown config key 'train.foo'"),
+    (["train.max_steps=abc"], "'train.max_steps'"),
+    (["model=bloom-9b"], "no model config named 'bloom-9b'; available: bloom-176b"),
+    (["experiment=nope"], "no experiment config named 'nope'"),
+    (["train.precision=fp8"], "train.precision='fp8'"),
+    (["logging.wandb.mode=cloud"], "logging.wandb.mode='cloud'"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
+    (["train.max_steps=10", "optimizer.warmup_steps=10"], "optimizer.warmup_steps=10"),
+    (["parallel.data=two"], "parallel.data"),
+])
+def test_bad_values_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides)
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_cli_bad_override_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bloomtrain.train", "model.num_attention_heads=7", "model.hidden_size=64",
+         f"run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "model.num_attention_heads" in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_cli_help_lists_keys():
+    result = subprocess.run([sys.executable, "-m", "bloomtrain.train", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    assert "train.global_batch_size=16" in result.stdout and "model=<bloom-176b|" in result.stdout
+    assert "logging.wandb.mode=offline" in describe_keys()

@@ -1,0 +1,92 @@
+"""The bundled sample's path to tokens, the blend file, and the order batches are drawn in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sentencepiece as spm
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from bloomtrain.data.blend import Blend, BlendEntry, read_blend, temperature_weights, write_blend
+from bloomtrain.data.loader import BatchLayout, MicroBatchSampler
+from data_tools.sample import SAMPLE_CORPUS, SAMPLE_VOCAB_SIZE, prepare_sample, read_documents
+
+
+def test_sample_corpus_is_multilingual_and_small():
+    docs = list(read_documents(SAMPLE_CORPUS))
+    langs = {doc["lang"] for doc in docs}
+    assert len(langs) >= 6 and {"zh", "ar"} <= langs  # one CJK, one right-to-left script
+    assert SAMPLE_CORPUS.stat().st_size < 5_000_000
+    assert len({doc["id"] for doc in docs}) == len(docs)
+    assert (SAMPLE_CORPUS.parent / "README.md").exists()  # provenance and licence
+
+
+def test_prepared_tokens_decode_to_the_text(sample_cache):
+    blend = read_blend(next(sample_cache.glob("sample-*/blend.json")))
+    processor = spm.SentencePieceProcessor(model_file=blend.tokenizer)
+    assert processor.get_piece_size() == SAMPLE_VOCAB_SIZE
+    assert processor.eos_id() == 2 and processor.pad_id() == 3  # BLOOM's special-token ids
+    texts_by_lang: dict[str, list[str]] = {}
+    for doc in read_documents(SAMPLE_CORPUS):
+        texts_by_lang.setdefault(doc["lang"], []).append(doc["text"])
+    assert {entry.lang for entry in blend.datasets} == set(texts_by_lang)
+    for entry in blend.datasets:
+        dataset = IndexedDataset(entry.prefix)
+        assert len(dataset) == len(texts_by_lang[entry.lang])
+        assert sum(len(dataset[i]) for i in range(len(dataset))) == entry.tokens
+        for i, text in enumerate(texts_by_lang[entry.lang]):
+            ids = dataset[i].tolist()
+            assert ids[-1] == processor.eos_id()
+            assert processor.decode(ids[:-1]) == text
+    assert sum(blend.weights) == pytest.approx(1.0)
+
+
+def test_prepare_sample_reuses_its_cache(sample_cache):
+    blend_path = next(sample_cache.glob("sample-*/blend.json"))
+    before = blend_path.stat().st_mtime_ns
+    assert prepare_sample(sample_cache) == blend_path
+    assert blend_path.stat().st_mtime_ns == before
+
+
+def test_temperature_weights():
+    counts = {"en": 900, "yo": 100}
+    assert temperature_weights(counts, 1.0) == pytest.approx({"en": 0.9, "yo": 0.1})
+    assert temperature_weights(counts, 0.0) == pytest.approx({"en": 0.5, "yo": 0.5})
+    low = temperature_weights(counts, 0.3)
+    assert 0.1 < low["yo"] < 0.5 and sum(low.values()) == pytest.approx(1.0)
+
+
+def test_blend_file_round_trip_and_errors(tmp_path, sample_cache):
+    source = read_blend(next(sample_cache.glob("sample-*/blend.json")))
+    write_blend(tmp_path / "blend.json", Blend(tokenizer=source.tokenizer, datasets=[
+        BlendEntry(prefix=source.datasets[0].prefix, weight=1.0, lang="x")]))
+    assert read_blend(tmp_path / "blend.json").prefixes == [source.datasets[0].prefix]
+    with pytest.raises(FileNotFoundError, match="data.blend="):
+        read_blend(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"datasets": []}))
+    with pytest.raises(ValueError, match="not a valid blend file"):
+        read_blend(tmp_path / "bad.json")
+    (tmp_path / "gone.json").write_text(json.dumps(
+        {"tokenizer": source.tokenizer, "datasets": [{"prefix": "nowhere/en", "weight": 1.0}]}))
+    with pytest.raises(FileNotFoundError, match="nowhere/en.bin"):
+        read_blend(tmp_path / "gone.json")
+
+
+def _indices(layout: BatchLayout, consumed: int, total: int) -> list[list[int]]:
+    return list(MicroBatchSampler(layout, consumed, total))
+
+
+def test_data_parallel_ranks_split_each_global_batch():
+    ranks = [_indices(BatchLayout(2, 8, data_parallel_size=2, data_parallel_rank=r), 0, 16) for r in (0, 1)]
+    assert ranks[0] == [[0, 1], [2, 3], [8, 9], [10, 11]]
+    assert ranks[1] == [[4, 5], [6, 7], [12, 13], [14, 15]]
+    single = [i for mb in _indices(BatchLayout(4, 8), 0, 16) for i in mb]
+    assert sorted(i for r in ranks for mb in r for i in mb) == single
+
+
+def test_resume_continues_the_sample_order():
+    layout = BatchLayout(2, 4)
+    full = _indices(layout, 0, 24)
+    assert _indices(layout, 8, 24) == full[4:]
+    assert len(MicroBatchSampler(layout, 8, 24)) == 8
