@@ -131,13 +131,18 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """The (tensor, pipeline, data) layout. This release trains on one process."""
+    """The (tensor, pipeline, data) layout; rank order in ``bloomtrain/parallel/layout.py``."""
 
     tensor: int = 1
+    """Tensor-parallel size (megatron-core layers); must divide model.num_attention_heads."""
     pipeline: int = 1
+    """Pipeline stages (DeepSpeed PipelineModule, 1F1B); at most model.num_layers."""
     data: str = "auto"
     """Data-parallel size, or auto = world_size / (tensor x pipeline)."""
     zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3; with pipeline > 1 only 0 or 1."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them."""
 
     def __post_init__(self) -> None:
         _require(self.tensor >= 1, f"parallel.tensor must be >= 1, got {self.tensor}")
@@ -206,6 +211,19 @@ class RunConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How ``python -m bloomtrain.launch`` starts the per-rank trainers."""
+
+    processes: int | None = None
+    """Processes to start; null: tensor x pipeline x data, where data=auto fills the visible GPUs (1 on CPU)."""
+    dry_run: bool = False
+    """Print the plan and the command, start nothing."""
+
+    def __post_init__(self) -> None:
+        _require(self.processes is None or self.processes >= 1, "launch.processes must be >= 1 or null")
+
+
+@dataclass
 class BloomTrainConfig:
     """The root config of ``python -m bloomtrain.train``."""
 
@@ -217,6 +235,9 @@ class BloomTrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    launcher: str = "local"
+    """local (torchrun on this machine); SLURM submission is not available yet."""
 
     def __post_init__(self) -> None:
         _require(
@@ -224,6 +245,9 @@ class BloomTrainConfig:
             f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={self.train.micro_batch_size}; make it one",
         )
+        _require(self.launcher == "local",
+                 f"launcher={self.launcher!r}: only launcher=local (torchrun on this machine) is available; "
+                 "on a SLURM cluster run one torchrun per node inside your allocation (docs/parallelism.md)")
         decay_steps = self.optimizer.decay_steps or self.train.max_steps
         _require(
             self.optimizer.warmup_steps < decay_steps,

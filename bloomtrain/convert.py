@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from bloomtrain.checkpoint import TrainingProgress, read_meta, resolve_checkpoint, save_checkpoint
+from bloomtrain.checkpoint import read_meta, read_model_weights, resolve_checkpoint, write_model_only_checkpoint
 from bloomtrain.config import ModelConfig
 from bloomtrain.model import Bloom, build_model
 
@@ -95,8 +95,8 @@ def from_hf(path_or_hf_model: str | Path | torch.nn.Module) -> Bloom:
 def to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir`` (config.json + model.safetensors) that ``BloomForCausalLM.from_pretrained`` loads."""
     checkpoint = resolve_checkpoint(checkpoint_dir)
-    config, _ = read_meta(checkpoint)
-    weights = load_file(str(checkpoint / "model.safetensors"))
+    config, _, _ = read_meta(checkpoint)
+    weights = read_model_weights(checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_state = {HF_PREFIX + name: tensor for name, tensor in weights.items()}
@@ -107,9 +107,9 @@ def to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 def from_hf_to_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a bloomtrain checkpoint (step 0) holding a Hugging Face BLOOM's weights."""
+    """Write a weights-only bloomtrain checkpoint (step 0) holding a Hugging Face BLOOM's weights."""
     model = from_hf(hf_dir)
-    return save_checkpoint(Path(out_dir), model, model.config, TrainingProgress(), trainer_state={})
+    return write_model_only_checkpoint(Path(out_dir), model, model.config)
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

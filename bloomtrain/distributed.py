@@ -46,11 +46,22 @@ def init_distributed(device_preference: str = "auto") -> DistributedContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer adopts the torch group
     return DistributedContext(rank, world_size, local_rank, device)
 
 
 def shutdown_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave together: a rank that exits while a peer still talks to it makes gloo report a failure."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()

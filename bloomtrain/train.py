@@ -28,6 +28,22 @@ config keys:
 """
 
 
+def build_trainer(config):
+    """Validate the layout (before any process group exists), form the groups, build the trainer."""
+    from bloomtrain.distributed import init_distributed
+    from bloomtrain.parallel.cpu import apply_cpu_accommodations
+    from bloomtrain.parallel.groups import init_parallel_groups
+    from bloomtrain.parallel.layout import resolve_layout
+    from bloomtrain.trainer import Trainer, seed_everything
+
+    layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")))
+    apply_cpu_accommodations()
+    context = init_distributed(config.train.device)
+    init_parallel_groups(layout)
+    seed_everything(config.train.seed)
+    return Trainer(config, context, layout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
@@ -47,11 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         # megatron-core warns at import that Transformer Engine/Apex are absent; its torch fallbacks are
         # what we use on CPU, so the warning is noise there.
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-        from bloomtrain.trainer import Trainer  # heavy imports only once the config is known to be good
-
-        trainer = Trainer(config)
+        trainer = build_trainer(config)  # heavy imports only once the config is known to be good
     except ConfigError as error:
         print(f"bloomtrain: config error: {error}", file=sys.stderr)
+        shutdown_distributed()
         return 2
     try:
         trainer.train()

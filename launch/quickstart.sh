@@ -6,4 +6,5 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=$(bash "$repo/launch/setup.sh" | tail -n 1)
 cd "$repo"
 run_dir=${BLOOMTRAIN_RUN_DIR:-runs/quickstart-$(date +%Y%m%d-%H%M%S)}
-exec "$py" -m bloomtrain.train experiment=quickstart run.dir="$run_dir" "$@"
+# Two processes (data parallel 2) through the launcher, as on a cluster, only smaller.
+exec "$py" -m bloomtrain.launch experiment=quickstart launch.processes=2 run.dir="$run_dir" "$@"

@@ -37,3 +37,24 @@ def run_train(overrides: list[str], cwd: Path = REPO, check: bool = True, timeou
         raise AssertionError(
             f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def run_torchrun(processes: int, overrides: list[str], check: bool = True, timeout: float = 900,
+                 env: dict[str, str] | None = None, module: str = "bloomtrain.train") -> subprocess.CompletedProcess:
+    """Run ``torchrun --nproc_per_node N -m MODULE`` on 127.0.0.1 (gloo on CPU)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *overrides]
+    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

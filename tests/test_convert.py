@@ -8,7 +8,7 @@ import sys
 import torch
 import transformers
 
-from bloomtrain.checkpoint import TrainingProgress, latest_checkpoint, save_checkpoint
+from bloomtrain.checkpoint import latest_checkpoint, write_model_only_checkpoint
 from bloomtrain.config import ModelConfig
 from bloomtrain.convert import from_hf, to_hf
 from bloomtrain.model import build_model
@@ -19,7 +19,7 @@ def test_to_hf_then_from_pretrained_round_trips(tmp_path):
     model = build_model(config, seed=3).eval()
     with torch.no_grad():
         model.ln_f.bias.normal_()
-    save_checkpoint(tmp_path / "run" / "checkpoints", model, config, TrainingProgress(step=7), {})
+    write_model_only_checkpoint(tmp_path / "run" / "checkpoints", model, config)
 
     out = to_hf(tmp_path / "run", tmp_path / "hf")  # a run directory resolves to its latest checkpoint
     hf_model = transformers.BloomForCausalLM.from_pretrained(out).eval()

@@ -36,8 +36,7 @@ def test_run_directory_layout(tmp_path, sample_cache):
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_12"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_10", "step_12"]
-    assert {p.name for p in (checkpoints / "step_12").iterdir()} == {"model.safetensors", "trainer_state.pt",
-                                                                     "meta.json"}
+    assert {p.name for p in (checkpoints / "step_12").iterdir()} == {"mp_rank_00_model_states.pt", "meta.json"}
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
     assert str(wandb_runs[0]) in result.stdout and str(checkpoints / "step_12") in result.stdout
@@ -93,7 +92,7 @@ def test_quickstart_command(tmp_path, sample_cache):
     metrics = read_metrics(run_dir)
     assert len(metrics) == 300
     assert metrics[-1]["loss"] <= 0.7 * metrics[0]["loss"]
-    assert (run_dir / "checkpoints" / "step_300" / "model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "step_300" / "meta.json").exists()
     assert list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
     for label in ("run directory", "checkpoint", "W&B files"):
         assert label in result.stdout

@@ -1,5 +1,12 @@
 """The BLOOM model: a plain ``nn.Module`` (parallelism is applied from ``bloomtrain.parallel``)."""
 
-from bloomtrain.model.bloom import Bloom, alibi_slopes, build_model, count_parameters
+from bloomtrain.model.bloom import (
+    Bloom,
+    BloomBlock,
+    alibi_slopes,
+    build_model,
+    count_parameters,
+    init_bloom_weights,
+)
 
-__all__ = ["Bloom", "alibi_slopes", "build_model", "count_parameters"]
+__all__ = ["Bloom", "BloomBlock", "alibi_slopes", "build_model", "count_parameters", "init_bloom_weights"]

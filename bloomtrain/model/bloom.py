@@ -13,6 +13,7 @@ tensor-parallel wrapper can slice them per rank.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -119,28 +120,39 @@ class Bloom(nn.Module):
             hidden = block(hidden)
         return F.linear(self.ln_f(hidden), self.word_embeddings.weight)
 
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """BLOOM's init: normal(0, std) weights, output projections scaled by 1/sqrt(2 x layers),
-        zero biases, unit LayerNorms. Also (re)builds non-persistent buffers after a meta-device build.
-        """
-        generator = torch.Generator(device="cpu")
-        if seed is not None:
-            generator.manual_seed(seed)
-        std = self.config.resolved_init_std
-        output_std = std / math.sqrt(2.0 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_output = name.endswith("self_attention.dense") or name.endswith("mlp.dense_4h_to_h")
-                _normal_(module.weight, output_std if is_output else std, generator)
-                module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                _normal_(module.weight, std, generator)
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, BloomAttention):
-                module.alibi_slopes = alibi_slopes(module.num_heads).to(module.query_key_value.weight.device)
+    def init_weights(self, seed: int = 0) -> None:
+        """BLOOM's init (see :func:`init_bloom_weights`); also rebuilds buffers after a meta-device build."""
+        init_bloom_weights(self, self.config, seed)
+
+
+@torch.no_grad()
+def init_bloom_weights(module: nn.Module, config: ModelConfig, seed: int, prefix: str = "") -> None:
+    """normal(0, std) weights, output projections scaled by 1/sqrt(2 x layers), zero biases, unit norms.
+
+    Each sub-module draws from its own generator, seeded by ``seed`` and its name in the full model
+    (``prefix`` + its name here, e.g. ``h.3.mlp.dense_h_to_4h``). A pipeline stage or a tensor-parallel
+    shard that builds only part of the model therefore gets exactly the weights the whole model has.
+    """
+    std = config.resolved_init_std
+    output_std = std / math.sqrt(2.0 * config.num_layers)
+    for name, sub in module.named_modules():
+        full_name = ".".join(part for part in (prefix, name) if part)
+        generator = torch.Generator(device="cpu").manual_seed(_module_seed(seed, full_name))
+        if isinstance(sub, nn.Linear):
+            is_output = full_name.endswith("self_attention.dense") or full_name.endswith("mlp.dense_4h_to_h")
+            _normal_(sub.weight, output_std if is_output else std, generator)
+            sub.bias.zero_()
+        elif isinstance(sub, nn.Embedding):
+            _normal_(sub.weight, std, generator)
+        elif isinstance(sub, nn.LayerNorm):
+            sub.weight.fill_(1.0)
+            sub.bias.zero_()
+        elif isinstance(sub, BloomAttention):
+            sub.alibi_slopes = alibi_slopes(sub.num_heads).to(sub.query_key_value.weight.device)
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
 def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
@@ -148,7 +160,7 @@ def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> No
     tensor.copy_(torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=generator))
 
 
-def build_model(config: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", seed: int = 0,
                 padded_vocab_size: int | None = None) -> Bloom:
     """Build on the meta device (no memory), then materialise on ``device`` and initialise."""
     with torch.device("meta"):

@@ -1,0 +1,65 @@
+"""The (tensor, pipeline, data) layout of a run, validated before any process group exists.
+
+Rank order. Global rank r holds the coordinates
+    tensor   = r % T
+    data     = (r // T) % D
+    pipeline = r // (T * D)
+i.e. tensor-parallel peers are adjacent ranks (on one node, where NVLink is), then data-parallel
+replicas, then pipeline stages. This is megatron-core's default order (tp-dp-pp) and the order of
+DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model, the last varying fastest), so
+the two libraries' process groups coincide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bloomtrain.config import BloomTrainConfig, ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor: int
+    pipeline: int
+    data: int
+    zero_stage: int
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(tensor, pipeline, data) coordinates of a global rank."""
+        return rank % self.tensor, rank // (self.tensor * self.data), (rank // self.tensor) % self.data
+
+
+def resolve_layout(config: BloomTrainConfig, world_size: int) -> ParallelLayout:
+    """The layout for ``world_size`` processes; a ConfigError names the key to change when it cannot work."""
+    parallel, model, train = config.parallel, config.model, config.train
+    tensor, pipeline = parallel.tensor, parallel.pipeline
+    if model.num_attention_heads % tensor:
+        raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not divisible by "
+                          f"parallel.tensor={tensor}; choose a tensor size that divides the head count")
+    if model.num_layers < pipeline:
+        raise ConfigError(f"parallel.pipeline={pipeline} stages need at least that many layers, but "
+                          f"model.num_layers={model.num_layers}; lower parallel.pipeline")
+    if parallel.data == "auto":
+        if world_size % (tensor * pipeline):
+            raise ConfigError(f"{world_size} processes cannot hold parallel.tensor={tensor} x "
+                              f"parallel.pipeline={pipeline}; start a multiple of {tensor * pipeline} processes")
+        data = world_size // (tensor * pipeline)
+    else:
+        data = int(parallel.data)
+        if tensor * pipeline * data != world_size:
+            raise ConfigError(f"parallel.tensor={tensor} x parallel.pipeline={pipeline} x parallel.data={data} "
+                              f"= {tensor * pipeline * data} but {world_size} processes were started; set "
+                              f"parallel.data=auto or start {tensor * pipeline * data} processes")
+    if train.global_batch_size % (train.micro_batch_size * data):
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {data}; "
+                          f"make it a multiple of {train.micro_batch_size * data}")
+    if pipeline > 1 and parallel.zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} cannot be combined with "
+                          f"parallel.pipeline={pipeline} (DeepSpeed's pipeline engine supports ZeRO 0 and 1); "
+                          "set parallel.zero_stage=1 or parallel.pipeline=1")
+    return ParallelLayout(tensor, pipeline, data, parallel.zero_stage)

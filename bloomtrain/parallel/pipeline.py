@@ -1,0 +1,113 @@
+"""Pipeline parallelism: BLOOM as a DeepSpeed ``PipelineModule`` built from layer specs.
+
+    [word embedding (tied)] [embedding LayerNorm] [block 0] ... [block L-1] [final LayerNorm] [LM head (tied)]
+
+The word embedding is a ``TiedLayerSpec`` on the first and the last stage (DeepSpeed all-reduces its
+gradient between the two); blocks are balanced over stages by ``partition_method="type:BlockStage"``.
+Each stage builds only its own layers: a spec constructs the plain BLOOM sub-module, initialises it
+under its name in the full model (so its weights equal the single-process model's), then applies
+tensor parallelism when the tensor group has more than one rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+from torch import nn
+
+from bloomtrain.config import ModelConfig
+from bloomtrain.model.bloom import BloomBlock, init_bloom_weights
+from bloomtrain.parallel.layout import ParallelLayout
+from bloomtrain.parallel.tensor_parallel import (
+    final_layernorm_into_tensor_parallel,
+    mark_replicated_module,
+    megatron_layer_config,
+    parallelize_block,
+    vocab_parallel_embedding,
+    vocab_parallel_loss,
+)
+
+
+def _tensor_parallel() -> bool:
+    return parallel_state.get_tensor_model_parallel_world_size() > 1
+
+
+class WordEmbeddingStage(nn.Module):
+    def __init__(self, config: ModelConfig, padded_vocab_size: int, seed: int) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(padded_vocab_size, config.hidden_size)
+        init_bloom_weights(self, config, seed)
+        if _tensor_parallel():
+            self.word_embeddings = vocab_parallel_embedding(self.word_embeddings, megatron_layer_config())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(tokens)
+
+
+def lm_head(stage: WordEmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
+    """The tied LM head on the last stage: (vocab-parallel) logits from the shared embedding."""
+    return F.linear(hidden, stage.word_embeddings.weight)
+
+
+class LayerNormStage(nn.Module):
+    """The embedding LayerNorm, or (``into_tensor_parallel``) the final one feeding the LM head."""
+
+    def __init__(self, config: ModelConfig, name: str, seed: int, into_tensor_parallel: bool) -> None:
+        super().__init__()
+        norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        init_bloom_weights(norm, config, seed, prefix=name)
+        if into_tensor_parallel and _tensor_parallel():
+            norm = final_layernorm_into_tensor_parallel(norm)
+        mark_replicated_module(norm)
+        self.norm = norm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+class BlockStage(nn.Module):
+    def __init__(self, config: ModelConfig, index: int, seed: int) -> None:
+        super().__init__()
+        block = BloomBlock(config)
+        init_bloom_weights(block, config, seed, prefix=f"h.{index}")
+        if _tensor_parallel():
+            parallelize_block(block, megatron_layer_config())
+        self.block = block
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden)
+
+
+def build_pipeline_module(config: ModelConfig, layout: ParallelLayout, padded_vocab_size: int, seed: int,
+                          activation_checkpointing: bool) -> PipelineModule:
+    specs = [
+        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed,
+                      tied_weight_attr="word_embeddings.weight"),
+        LayerSpec(LayerNormStage, config, "word_embeddings_layernorm", seed, False),
+        *[LayerSpec(BlockStage, config, index, seed) for index in range(config.num_layers)],
+        LayerSpec(LayerNormStage, config, "ln_f", seed, True),
+        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed,
+                      forward_fn=lm_head, tied_weight_attr="word_embeddings.weight"),
+    ]
+    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
+    return PipelineModule(
+        layers=specs,
+        loss_fn=vocab_parallel_loss,
+        topology=topology,
+        partition_method="type:BlockStage",
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        activation_checkpoint_func=recompute,
+    )
+
+
+def recompute(function, *inputs: torch.Tensor):
+    """Activation checkpointing: keep only the layer's inputs, recompute the rest in backward.
+
+    PyTorch's non-reentrant checkpoint works on any device; BLOOM has no dropout, so no RNG state needs
+    restoring for the recomputation to be exact.
+    """
+    return torch.utils.checkpoint.checkpoint(function, *inputs, use_reentrant=False)

@@ -1,0 +1,144 @@
+"""3D parallelism equals single-process training (CPU, gloo, fp32, bloom-tiny, same seed and data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bloomtrain.config import ConfigError
+from bloomtrain.config_loader import load_config
+from bloomtrain.metrics import read_metrics
+from bloomtrain.model import Bloom, count_parameters
+from bloomtrain.parallel.layout import ParallelLayout, resolve_layout
+from tests.conftest import REPO, run_torchrun
+
+STEPS = 5
+
+
+def _overrides(run_dir, cache, *extra):
+    # A small clip makes clipping active, so a wrong global gradient norm would change the losses.
+    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", f"train.max_steps={STEPS}",
+            "train.seq_length=64", "optimizer.warmup_steps=2", "optimizer.grad_clip=0.3",
+            "logging.wandb.mode=disabled", "checkpoint.interval=0", *extra]
+
+
+def _train(tmp_path, cache, name, tensor=1, pipeline=1, data=1, *extra):
+    run_dir = tmp_path / name
+    run_torchrun(tensor * pipeline * data,
+                 _overrides(run_dir, cache, f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}", *extra))
+    return read_metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sample_cache):
+    """The single-process run every layout is compared with."""
+    return _train(tmp_path_factory.mktemp("reference"), sample_cache, "single")
+
+
+def _assert_same_curve(metrics, reference, rel=1e-5):
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    for got, want in zip(metrics, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=rel), (got["step"], got["loss"], want["loss"])
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    assert reference[-1]["loss"] < reference[0]["loss"]
+
+
+@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)],
+                         ids=lambda layout: "tp{}-pp{}-dp{}".format(*layout))
+def test_layout_equals_single_process(layout, tmp_path, sample_cache, reference):
+    tensor, pipeline, data = layout
+    _assert_same_curve(_train(tmp_path, sample_cache, "run", tensor, pipeline, data), reference)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_equal_zero_0(stage, tmp_path, sample_cache, reference):
+    _assert_same_curve(_train(tmp_path, sample_cache, "run", 1, 1, 2, f"parallel.zero_stage={stage}"), reference)
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path, sample_cache, reference):
+    _assert_same_curve(_train(tmp_path, sample_cache, "plain", 1, 1, 1, "parallel.activation_checkpointing=true"),
+                       reference)
+    _assert_same_curve(_train(tmp_path, sample_cache, "pipe", 1, 2, 1, "parallel.activation_checkpointing=true"),
+                       reference)
+
+
+@pytest.mark.parametrize("precision,layout,zero", [("bf16", (2, 2, 1), 1), ("fp16", (1, 1, 2), 2),
+                                                   ("bf16", (1, 1, 1), 0)])
+def test_half_precision_tracks_fp32(precision, layout, zero, tmp_path, sample_cache, reference):
+    metrics = _train(tmp_path, sample_cache, "run", *layout, f"train.precision={precision}",
+                     f"parallel.zero_stage={zero}")
+    for got, want in zip(metrics, reference, strict=True):
+        assert got["loss"] == got["loss"]  # not NaN
+        assert got["loss"] == pytest.approx(want["loss"], rel=0.01)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+
+
+def _rank_reports(tmp_path, sample_cache, processes, *overrides):
+    out = tmp_path / "reports"
+    run_torchrun(processes, [str(out), *_overrides(tmp_path / "run", sample_cache, *overrides)],
+                 module="tests.distributed_checks")
+    return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in range(processes)]
+
+
+def test_layernorms_stay_bitwise_equal_across_tensor_ranks(tmp_path, sample_cache):
+    reports = _rank_reports(tmp_path, sample_cache, 2, "parallel.tensor=2", "train.precision=bf16",
+                            "parallel.zero_stage=1")
+    assert all(r["replicated_tensors"] > 0 and r["replicated_equal"] for r in reports)
+
+
+def test_per_rank_parameter_count(tmp_path, sample_cache):
+    config = load_config(["experiment=quickstart"]).model
+    total = count_parameters(config)
+    with torch.device("meta"):
+        plain = Bloom(config)
+    replicated = sum(p.numel() for name, p in plain.named_parameters()
+                     if "layernorm" in name or "ln_f" in name or name.endswith(("dense.bias", "dense_4h_to_h.bias")))
+    reports = _rank_reports(tmp_path, sample_cache, 4, "parallel.tensor=2", "parallel.pipeline=2")
+    for tensor_rank in (0, 1):
+        mine = [r for r in reports if r["tensor_rank"] == tensor_rank]
+        assert {r["pipeline_rank"] for r in mine} == {0, 1}
+        # The tied embedding lives on both stages; count it once.
+        held = sum(r["local_parameters"] for r in mine) - mine[0]["embedding_parameters"]
+        assert held == (total - replicated) // 2 + replicated
+    for report in reports:
+        assert report["local_parameters"] <= total / 4 + replicated + report["embedding_parameters"]
+
+
+@pytest.mark.parametrize("overrides,world,key", [
+    (["parallel.tensor=3"], 3, "parallel.tensor=3"),
+    (["parallel.pipeline=5"], 5, "parallel.pipeline=5"),
+    (["parallel.tensor=2"], 3, "start a multiple of 2 processes"),
+    (["parallel.data=2"], 4, "parallel.data=2"),
+    (["parallel.data=2", "train.global_batch_size=8", "train.micro_batch_size=8"], 2, "train.global_batch_size=8"),
+    (["parallel.pipeline=2", "parallel.zero_stage=2"], 2, "parallel.zero_stage=2"),
+])
+def test_invalid_layouts_name_the_key(overrides, world, key):
+    config = load_config(["experiment=quickstart", *overrides])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as error:
+        resolve_layout(config, world)
+    assert "\n" not in str(error.value)
+
+
+def test_invalid_layout_stops_before_any_process_group(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bloomtrain.train", "parallel.tensor=2", f"run.dir={tmp_path}/r"],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "parallel.tensor=2" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_rank_order():
+    layout = ParallelLayout(tensor=2, pipeline=2, data=2, zero_stage=0)
+    assert [layout.coordinates(rank) for rank in range(8)] == [
+        (0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)]
+
+
+def test_single_process_matches_the_golden_curve(reference):
+    """The tiny model's first steps, pinned: any change to init, data order, schedule or math shows here."""
+    golden = json.loads((REPO / "tests" / "golden" / "bloom_tiny_fp32.json").read_text())
+    assert [m["loss"] for m in reference] == pytest.approx(golden["loss"], rel=2e-5)
+    assert [m["grad_norm"] for m in reference] == pytest.approx(golden["grad_norm"], rel=2e-4)
