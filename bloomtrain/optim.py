@@ -1,4 +1,7 @@
-"""AdamW with BLOOM's hyper-parameters and megatron-core's warm-up + decay LR schedule."""
+"""BLOOM's weight-decay groups for AdamW and megatron-core's warm-up + decay LR schedule.
+
+The AdamW itself is built with the DeepSpeed engine (``bloomtrain/parallel/engine.py``).
+"""
 
 from __future__ import annotations
 
@@ -19,16 +22,6 @@ def parameter_groups(model: nn.Module) -> list[dict]:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-
-
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        parameter_groups(model),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig,
