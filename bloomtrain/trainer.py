@@ -79,9 +79,9 @@ class Trainer:
         self.metrics: MetricsLogger | None = None
         if context.is_main:
             # Measured before W&B starts its service process, which would compete for the cores.
-            # On GPUs every rank has its own device; CPU ranks on one machine share its cores.
-            devices = context.world_size if context.device.type == "cuda" else 1
-            self.peak_flops = peak_flops(context.device, DTYPES[train.precision]) * devices
+            # Each rank's peak is measured with the threads it has (on CPU the launcher splits the cores
+            # between ranks), so the run's peak is that times the number of ranks, as on GPUs.
+            self.peak_flops = peak_flops(context.device, DTYPES[train.precision]) * context.world_size
             self.metrics = MetricsLogger(self.run_dir, config.logging.wandb, config.run.name,
                                          dataclasses.asdict(config), self.progress.step, self.progress.wandb_run_id)
             self.progress.wandb_run_id = self.metrics.wandb_run_id
