@@ -60,8 +60,7 @@ def shutdown_distributed() -> None:
     if not dist.is_initialized():
         return
     dist.barrier()
-    from megatron.core import parallel_state
+    from bloomtrain.parallel.groups import destroy_parallel_groups
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_parallel_groups()
     dist.destroy_process_group()
