@@ -143,6 +143,9 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage 0-3; with pipeline > 1 only 0 or 1."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of keeping them."""
+    sequence_parallel: bool = False
+    """Split LayerNorm/residual activations along the sequence over the tensor group (megatron-core's
+    sequence parallelism); saves activation memory when parallel.tensor > 1, no effect otherwise."""
 
     def __post_init__(self) -> None:
         _require(self.tensor >= 1, f"parallel.tensor must be >= 1, got {self.tensor}")

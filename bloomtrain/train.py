@@ -37,6 +37,10 @@ def build_trainer(config):
     from bloomtrain.trainer import Trainer, seed_everything
 
     layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if layout.sequence_parallel:
+        # megatron-core overlaps sequence-parallel all-gathers with compute only when CUDA runs kernels
+        # in issue order; it must be set before the CUDA context exists.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     apply_cpu_accommodations()
     context = init_distributed(config.train.device)
     init_parallel_groups(layout)

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node N -m tests.distributed_checks OUT_DIR key=value ...
 
 Each rank writes OUT_DIR/rank_R.json with its coordinates, its parameter count, the numel of its
-word-embedding shard and whether every tensor-replicated parameter is bitwise equal across its
-tensor group after training.
+word-embedding shard, the sequence length its first block's LayerNorm saw (split under sequence
+parallelism) and whether every tensor-replicated parameter is bitwise equal across its tensor group
+after training.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def main() -> None:
 
     out_dir = Path(sys.argv[1])
     trainer = build_trainer(load_config(sys.argv[2:]))
+    norms = [m for name, m in trainer.engine.module.named_modules() if name.endswith("input_layernorm")]
+    seen_lengths = set()
+    if norms:
+        norms[0].register_forward_hook(lambda module, inputs, output: seen_lengths.add(inputs[0].shape[0]))
     trainer.train()
     group = parallel_state.get_tensor_model_parallel_group()
     replicated = [p for p in trainer.engine.module.parameters() if getattr(p, "_bloomtrain_synced", False)]
@@ -47,6 +52,7 @@ def main() -> None:
         "embedding_parameters": embedding,
         "replicated_tensors": len(replicated),
         "replicated_equal": bool(all_equal),
+        "layernorm_seq_lengths": sorted(seen_lengths),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank_{dist.get_rank()}.json").write_text(json.dumps(report))

@@ -54,6 +54,16 @@ def test_layout_equals_single_process(layout, tmp_path, sample_cache, reference)
     _assert_same_curve(_train(tmp_path, sample_cache, "run", tensor, pipeline, data), reference)
 
 
+@pytest.mark.parametrize("layout,extra", [
+    ((2, 1, 1), ()),
+    ((2, 2, 1), ()),
+    ((2, 1, 2), ("parallel.zero_stage=1", "parallel.activation_checkpointing=true")),
+], ids=["tp2", "tp2-pp2", "tp2-dp2-zero1-ac"])
+def test_sequence_parallel_equals_single_process(layout, extra, tmp_path, sample_cache, reference):
+    _assert_same_curve(_train(tmp_path, sample_cache, "run", *layout, "parallel.sequence_parallel=true", *extra),
+                       reference)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_equal_zero_0(stage, tmp_path, sample_cache, reference):
     _assert_same_curve(_train(tmp_path, sample_cache, "run", 1, 1, 2, f"parallel.zero_stage={stage}"), reference)
@@ -84,10 +94,13 @@ def _rank_reports(tmp_path, sample_cache, processes, *overrides):
     return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in range(processes)]
 
 
-def test_layernorms_stay_bitwise_equal_across_tensor_ranks(tmp_path, sample_cache):
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+def test_layernorms_stay_bitwise_equal_across_tensor_ranks(sequence_parallel, tmp_path, sample_cache):
     reports = _rank_reports(tmp_path, sample_cache, 2, "parallel.tensor=2", "train.precision=bf16",
-                            "parallel.zero_stage=1")
+                            "parallel.zero_stage=1", f"parallel.sequence_parallel={sequence_parallel}")
     assert all(r["replicated_tensors"] > 0 and r["replicated_equal"] for r in reports)
+    # Sequence parallelism really splits the LayerNorms' activations (train.seq_length=64 over 2 ranks).
+    assert all(r["layernorm_seq_lengths"] == [32 if sequence_parallel else 64] for r in reports)
 
 
 def test_per_rank_parameter_count(tmp_path, sample_cache):
@@ -115,6 +128,7 @@ def test_per_rank_parameter_count(tmp_path, sample_cache):
     (["parallel.data=2"], 4, "parallel.data=2"),
     (["parallel.data=2", "train.global_batch_size=8", "train.micro_batch_size=8"], 2, "train.global_batch_size=8"),
     (["parallel.pipeline=2", "parallel.zero_stage=2"], 2, "parallel.zero_stage=2"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true", "train.seq_length=63"], 2, "train.seq_length=63"),
 ])
 def test_invalid_layouts_name_the_key(overrides, world, key):
     config = load_config(["experiment=quickstart", *overrides])
@@ -129,6 +143,13 @@ def test_invalid_layout_stops_before_any_process_group(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "parallel.tensor=2" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_sequence_parallel_is_off_without_tensor_parallelism():
+    config = load_config(["experiment=quickstart", "parallel.sequence_parallel=true"])
+    assert not resolve_layout(config, 2).sequence_parallel
+    config = load_config(["experiment=quickstart", "parallel.sequence_parallel=true", "parallel.tensor=2"])
+    assert resolve_layout(config, 2).sequence_parallel
 
 
 def test_rank_order():

@@ -8,6 +8,10 @@ Parameter names mirror ``transformers``' ``BloomModel`` (without its ``transform
 that conversion is a rename. Tensor and pipeline parallelism are applied to this module from
 ``bloomtrain/parallel/`` afterwards; the attention keeps its ALiBi slopes in a buffer so a
 tensor-parallel wrapper can slice them per rank.
+
+Activations between layers are sequence-first, [seq, batch, hidden], as in Megatron: sequence
+parallelism splits them along dim 0 without a transpose. Token ids come in and logits go out
+batch-first; the logits are a transposed view of the sequence-first product, so no copy is made.
 """
 
 from __future__ import annotations
@@ -62,20 +66,22 @@ class BloomAttention(nn.Module):
         self.register_buffer("alibi_slopes", alibi_slopes(self.num_heads), persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = hidden.shape
         fused = self.query_key_value(hidden)
+        # Under sequence parallelism the input holds a slice of the sequence and the projection
+        # gathers the rest, so the shape is read from its output.
+        seq, batch, _ = fused.shape
         # The head count comes from the slopes, so a tensor-parallel copy holding a slice of the heads
         # runs this same code.
         local_heads = self.alibi_slopes.numel()
-        fused = fused.view(batch, seq, local_heads, 3, self.head_dim)
-        query, key, value = (fused[..., i, :].transpose(1, 2) for i in range(3))
+        fused = fused.view(seq, batch, local_heads, 3, self.head_dim)
+        query, key, value = (fused[..., i, :].permute(1, 2, 0, 3) for i in range(3))  # [batch, heads, seq, dim]
 
         compute_dtype = query.dtype
         if self.softmax_in_fp32 and compute_dtype in (torch.float16, torch.bfloat16):
             query, key, value = query.float(), key.float(), value.float()
         bias = alibi_causal_bias(self.alibi_slopes, seq, query.dtype)
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        context = context.to(compute_dtype).transpose(1, 2).reshape(batch, seq, local_heads * self.head_dim)
+        context = context.to(compute_dtype).permute(2, 0, 1, 3).reshape(seq, batch, local_heads * self.head_dim)
         return self.dense(context)
 
 
@@ -115,10 +121,10 @@ class Bloom(nn.Module):
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids.t()))  # [seq, batch, hidden]
         for block in self.h:
             hidden = block(hidden)
-        return F.linear(self.ln_f(hidden), self.word_embeddings.weight)
+        return F.linear(self.ln_f(hidden), self.word_embeddings.weight).transpose(0, 1)
 
     def init_weights(self, seed: int = 0) -> None:
         """BLOOM's init (see :func:`init_bloom_weights`); also rebuilds buffers after a meta-device build."""

@@ -42,6 +42,11 @@ def deepspeed_config(train: TrainConfig, optimizer: OptimizerConfig, layout: Par
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if layout.sequence_parallel:
+        # DeepSpeed's pipeline sends 1/T of an activation from each tensor rank and gathers the pieces
+        # on the next stage, assuming the tensor ranks hold the same activation. Under sequence
+        # parallelism each holds a different slice, so every rank sends its own slice whole.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
@@ -109,7 +114,7 @@ class TrainingEngine:
             module.to(device)
         else:
             module = build_model(model_config, device, seed=train.seed, padded_vocab_size=self.padded_vocab_size)
-            module = apply_tensor_parallel(module)
+            module = apply_tensor_parallel(module, layout.sequence_parallel)
             if activation_checkpointing:
                 for block in module.h:
                     block.forward = functools.partial(recompute, block.forward)

@@ -23,6 +23,7 @@ class ParallelLayout:
     pipeline: int
     data: int
     zero_stage: int
+    sequence_parallel: bool = False
 
     @property
     def world_size(self) -> int:
@@ -62,4 +63,9 @@ def resolve_layout(config: BloomTrainConfig, world_size: int) -> ParallelLayout:
         raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} cannot be combined with "
                           f"parallel.pipeline={pipeline} (DeepSpeed's pipeline engine supports ZeRO 0 and 1); "
                           "set parallel.zero_stage=1 or parallel.pipeline=1")
-    return ParallelLayout(tensor, pipeline, data, parallel.zero_stage)
+    # As in Megatron-LM, sequence parallelism is simply off without tensor parallelism.
+    sequence_parallel = parallel.sequence_parallel and tensor > 1
+    if sequence_parallel and train.seq_length % tensor:
+        raise ConfigError(f"parallel.sequence_parallel=true splits train.seq_length={train.seq_length} over "
+                          f"parallel.tensor={tensor} ranks; make the sequence length a multiple of {tensor}")
+    return ParallelLayout(tensor, pipeline, data, parallel.zero_stage, sequence_parallel)

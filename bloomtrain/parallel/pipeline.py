@@ -37,32 +37,34 @@ def _tensor_parallel() -> bool:
 
 
 class WordEmbeddingStage(nn.Module):
-    def __init__(self, config: ModelConfig, padded_vocab_size: int, seed: int) -> None:
+    def __init__(self, config: ModelConfig, padded_vocab_size: int, seed: int, sequence_parallel: bool) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(padded_vocab_size, config.hidden_size)
         init_bloom_weights(self, config, seed)
         if _tensor_parallel():
-            self.word_embeddings = vocab_parallel_embedding(self.word_embeddings, megatron_layer_config())
+            self.word_embeddings = vocab_parallel_embedding(self.word_embeddings,
+                                                            megatron_layer_config(sequence_parallel))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(tokens)
+        return self.word_embeddings(tokens.t())  # activations are [seq, batch, hidden]
 
 
 def lm_head(stage: WordEmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
-    """The tied LM head on the last stage: (vocab-parallel) logits from the shared embedding."""
-    return F.linear(hidden, stage.word_embeddings.weight)
+    """The tied LM head on the last stage: (vocab-parallel) logits [batch, seq, vocab] from the shared embedding."""
+    return F.linear(hidden, stage.word_embeddings.weight).transpose(0, 1)
 
 
 class LayerNormStage(nn.Module):
     """The embedding LayerNorm, or (``into_tensor_parallel``) the final one feeding the LM head."""
 
-    def __init__(self, config: ModelConfig, name: str, seed: int, into_tensor_parallel: bool) -> None:
+    def __init__(self, config: ModelConfig, name: str, seed: int, into_tensor_parallel: bool,
+                 sequence_parallel: bool) -> None:
         super().__init__()
         norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         init_bloom_weights(norm, config, seed, prefix=name)
         if into_tensor_parallel and _tensor_parallel():
-            norm = final_layernorm_into_tensor_parallel(norm)
-        mark_replicated_module(norm)
+            norm = final_layernorm_into_tensor_parallel(norm, megatron_layer_config(sequence_parallel))
+        mark_replicated_module(norm, sequence_parallel)
         self.norm = norm
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -70,12 +72,12 @@ class LayerNormStage(nn.Module):
 
 
 class BlockStage(nn.Module):
-    def __init__(self, config: ModelConfig, index: int, seed: int) -> None:
+    def __init__(self, config: ModelConfig, index: int, seed: int, sequence_parallel: bool) -> None:
         super().__init__()
         block = BloomBlock(config)
         init_bloom_weights(block, config, seed, prefix=f"h.{index}")
         if _tensor_parallel():
-            parallelize_block(block, megatron_layer_config())
+            parallelize_block(block, megatron_layer_config(sequence_parallel))
         self.block = block
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -84,13 +86,14 @@ class BlockStage(nn.Module):
 
 def build_pipeline_module(config: ModelConfig, layout: ParallelLayout, padded_vocab_size: int, seed: int,
                           activation_checkpointing: bool) -> PipelineModule:
+    sequence_parallel = layout.sequence_parallel
     specs = [
-        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed,
+        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed, sequence_parallel,
                       tied_weight_attr="word_embeddings.weight"),
-        LayerSpec(LayerNormStage, config, "word_embeddings_layernorm", seed, False),
-        *[LayerSpec(BlockStage, config, index, seed) for index in range(config.num_layers)],
-        LayerSpec(LayerNormStage, config, "ln_f", seed, True),
-        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed,
+        LayerSpec(LayerNormStage, config, "word_embeddings_layernorm", seed, False, sequence_parallel),
+        *[LayerSpec(BlockStage, config, index, seed, sequence_parallel) for index in range(config.num_layers)],
+        LayerSpec(LayerNormStage, config, "ln_f", seed, True, sequence_parallel),
+        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed, sequence_parallel,
                       forward_fn=lm_head, tied_weight_attr="word_embeddings.weight"),
     ]
     topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)

@@ -11,6 +11,13 @@ so a tensor-parallel model holds exactly the weights of the single-process one.
 - ALiBi slopes: each rank keeps its heads' slice;
 - replicated parameters (LayerNorms, row-parallel biases): their gradients are averaged over the
   tensor group, so they stay bitwise equal across ranks. BLOOM's original code let them drift apart.
+
+Sequence parallelism (optional, megatron-core's): outside the column/row-parallel pairs — LayerNorms,
+residual adds — each tensor rank keeps only its slice of the sequence, [seq / T, batch, hidden].
+Column-parallel layers all-gather the sequence on entry, row-parallel layers reduce-scatter it on
+exit, the embedding reduce-scatters its output and the final LayerNorm's output is all-gathered into
+the vocab-parallel head. Replicated parameters then see only their rank's tokens, so their gradients
+are summed over the tensor group instead of averaged.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from torch import nn
 from bloomtrain.model.bloom import BloomBlock
 
 
-def megatron_layer_config() -> ModelParallelConfig:
+def megatron_layer_config(sequence_parallel: bool = False) -> ModelParallelConfig:
+    tensor = parallel_state.get_tensor_model_parallel_world_size()
     return ModelParallelConfig(
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tensor_model_parallel_size=tensor,
+        sequence_parallel=sequence_parallel and tensor > 1,
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=False,  # weights are copied in from the initialised plain module
         params_dtype=torch.float32,
@@ -52,8 +61,24 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
 class LayerNormIntoTensorParallel(nn.LayerNorm):
     """The final LayerNorm, whose output enters the tensor-parallel region of the vocab-parallel head."""
 
+    sequence_parallel: bool = False
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return tensor_parallel.copy_to_tensor_model_parallel_region(super().forward(hidden))
+        hidden = super().forward(hidden)
+        if self.sequence_parallel:
+            # Each rank's vocab shard contributes to every position's gradient: reduce-scatter backward.
+            return tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        return tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+
+
+class SequenceParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
+    """Vocab-parallel embedding whose output is reduce-scattered along the sequence.
+
+    megatron-core's version takes batch-first token ids; ours come sequence-first like the activations.
+    """
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(tokens.t())
 
 
 def _shard(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -79,13 +104,17 @@ def row_parallel(linear: nn.Linear, config: ModelParallelConfig) -> RowParallelL
         layer.weight.copy_(_shard(linear.weight, 1))
         layer.bias.copy_(linear.bias)
     _mark_sharded(layer.weight, dim=1)
-    mark_replicated(layer.bias)
+    mark_replicated(layer.bias, config.sequence_parallel)
     return layer.to(linear.weight.device)
 
 
 def vocab_parallel_embedding(embedding: nn.Embedding, config: ModelParallelConfig) -> nn.Module:
-    layer = tensor_parallel.VocabParallelEmbedding(embedding.num_embeddings, embedding.embedding_dim,
-                                                   init_method=_no_init, config=config)
+    if config.sequence_parallel:
+        layer = SequenceParallelEmbedding(embedding.num_embeddings, embedding.embedding_dim, init_method=_no_init,
+                                          config=config, reduce_scatter_embeddings=True)
+    else:
+        layer = tensor_parallel.VocabParallelEmbedding(embedding.num_embeddings, embedding.embedding_dim,
+                                                       init_method=_no_init, config=config)
     with torch.no_grad():
         layer.weight.copy_(_shard(embedding.weight, 0))
     _mark_sharded(layer.weight, dim=0)
@@ -98,10 +127,12 @@ def _mark_sharded(weight: torch.Tensor, dim: int) -> None:
     tensor_parallel.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
 
 
-def final_layernorm_into_tensor_parallel(norm: nn.LayerNorm) -> LayerNormIntoTensorParallel:
+def final_layernorm_into_tensor_parallel(norm: nn.LayerNorm,
+                                         config: ModelParallelConfig) -> LayerNormIntoTensorParallel:
     layer = LayerNormIntoTensorParallel(norm.normalized_shape, eps=norm.eps)
     layer.load_state_dict(norm.state_dict())
-    mark_replicated_module(layer)
+    layer.sequence_parallel = config.sequence_parallel
+    mark_replicated_module(layer, config.sequence_parallel)
     return layer.to(norm.weight.device)
 
 
@@ -112,41 +143,54 @@ def parallelize_block(block: BloomBlock, config: ModelParallelConfig) -> BloomBl
     attention.alibi_slopes = _shard(attention.alibi_slopes, 0).clone()
     mlp.dense_h_to_4h = column_parallel(mlp.dense_h_to_4h, config)
     mlp.dense_4h_to_h = row_parallel(mlp.dense_4h_to_h, config)
-    mark_replicated_module(block.input_layernorm)
-    mark_replicated_module(block.post_attention_layernorm)
+    mark_replicated_module(block.input_layernorm, config.sequence_parallel)
+    mark_replicated_module(block.post_attention_layernorm, config.sequence_parallel)
     return block
 
 
-def apply_tensor_parallel(model: nn.Module) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, sequence_parallel: bool = False) -> nn.Module:
     """Make a whole (single-stage) ``Bloom`` tensor-parallel in place; returns it."""
-    config = megatron_layer_config()
+    config = megatron_layer_config(sequence_parallel)
     for block in model.h:
         parallelize_block(block, config)
     model.word_embeddings = vocab_parallel_embedding(model.word_embeddings, config)
-    mark_replicated_module(model.word_embeddings_layernorm)
-    model.ln_f = final_layernorm_into_tensor_parallel(model.ln_f)
+    mark_replicated_module(model.word_embeddings_layernorm, config.sequence_parallel)
+    model.ln_f = final_layernorm_into_tensor_parallel(model.ln_f, config)
     return model
 
 
-def mark_replicated_module(module: nn.Module) -> None:
+def mark_replicated_module(module: nn.Module, sequence_parallel: bool = False) -> None:
     for param in module.parameters():
-        mark_replicated(param)
+        mark_replicated(param, sequence_parallel)
 
 
-def mark_replicated(param: torch.Tensor) -> None:
-    """Average this replicated parameter's gradient over the tensor group on every backward."""
+def mark_replicated(param: torch.Tensor, sequence_parallel: bool = False) -> None:
+    """Sync this replicated parameter's gradient over the tensor group on every backward.
+
+    Without sequence parallelism every tensor rank computed the same gradient (averaging only removes
+    rounding differences); with it each rank computed its sequence slice's share (summing completes it).
+    """
     if parallel_state.get_tensor_model_parallel_world_size() == 1 or getattr(param, "_bloomtrain_synced", False):
         return
     param._bloomtrain_synced = True
-    param.register_hook(_average_over_tensor_group)
+    param.register_hook(_sum_over_tensor_group if sequence_parallel else _average_over_tensor_group)
+
+
+def _sum_over_tensor_group(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+    return grad
 
 
 def _average_over_tensor_group(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.clone()
-    dist.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
-    return grad / parallel_state.get_tensor_model_parallel_world_size()
+    return _sum_over_tensor_group(grad) / parallel_state.get_tensor_model_parallel_world_size()
 
 
 def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over vocab-parallel logits (any tensor-parallel size, 1 included)."""
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).mean()
+    """Mean next-token cross entropy over vocab-parallel logits (any tensor-parallel size, 1 included).
+
+    ``logits`` are [batch, seq, vocab shard], normally the transposed view of the model's sequence-first
+    product: transposing back gives the contiguous tensor megatron-core's loss needs without a copy.
+    """
+    logits = logits.transpose(0, 1).contiguous()
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).mean()
