@@ -118,10 +118,14 @@ class TrainConfig:
     """fp32 | bf16 | fp16."""
     device: str = "auto"
     """auto picks cuda when available, else cpu."""
+    exit_duration_minutes: float = 0.0
+    """Wall-clock budget: once exceeded, save a checkpoint at the next step and exit with status 75
+    (as after SIGTERM/SIGUSR1) so the job can be requeued; 0 = no budget."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_length"):
             _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
+        _require(self.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0 = no budget)")
         _require(
             self.precision in PRECISIONS,
             f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}",
@@ -139,8 +143,9 @@ class ParallelConfig:
     """Pipeline stages (DeepSpeed PipelineModule, 1F1B); at most model.num_layers."""
     data: str = "auto"
     """Data-parallel size, or auto = world_size / (tensor x pipeline)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3; with pipeline > 1 only 0 or 1."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3; with pipeline > 1 only 0 or 1. BLOOM's (and the default) is 1, which
+    also makes checkpoints resumable under another layout (DeepSpeed's universal checkpoint)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of keeping them."""
     sequence_parallel: bool = False
@@ -176,10 +181,17 @@ class CheckpointConfig:
     """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
     keep: int = 2
     """How many of the newest checkpoints to keep; 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, for good; 0 = none."""
+    resume: str = "auto"
+    """auto: resume from run.dir's newest complete checkpoint, if any; false: start afresh (refused when
+    run.dir already has checkpoints); or a path to a checkpoint / run directory to start from."""
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, "checkpoint.interval must be >= 0 (0 saves only at the end)")
         _require(self.keep >= 0, "checkpoint.keep must be >= 0 (0 keeps all)")
+        _require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = none)")
+        _require(str(self.resume) != "", "checkpoint.resume must be auto, false or a path")
 
 
 @dataclass
@@ -221,9 +233,12 @@ class LaunchConfig:
     """Processes to start; null: tensor x pipeline x data, where data=auto fills the visible GPUs (1 on CPU)."""
     dry_run: bool = False
     """Print the plan and the command, start nothing."""
+    stop_grace_seconds: int = 600
+    """After SIGTERM/SIGUSR1, how long torchrun lets the ranks finish their step and save before killing them."""
 
     def __post_init__(self) -> None:
         _require(self.processes is None or self.processes >= 1, "launch.processes must be >= 1 or null")
+        _require(self.stop_grace_seconds >= 1, "launch.stop_grace_seconds must be >= 1")
 
 
 @dataclass

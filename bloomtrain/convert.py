@@ -95,7 +95,7 @@ def from_hf(path_or_hf_model: str | Path | torch.nn.Module) -> Bloom:
 def to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """Write ``out_dir`` (config.json + model.safetensors) that ``BloomForCausalLM.from_pretrained`` loads."""
     checkpoint = resolve_checkpoint(checkpoint_dir)
-    config, _, _ = read_meta(checkpoint)
+    config = read_meta(checkpoint).model
     weights = read_model_weights(checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import os
 import sys
 import warnings
 
+from bloomtrain.checkpoint.store import CheckpointError
 from bloomtrain.config import ConfigError
 from bloomtrain.config_loader import describe_keys, load_config, to_yaml
 from bloomtrain.distributed import shutdown_distributed
@@ -72,11 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bloomtrain: config error: {error}", file=sys.stderr)
         shutdown_distributed()
         return 2
+    except CheckpointError as error:
+        print(f"bloomtrain: checkpoint error: {error}", file=sys.stderr)
+        shutdown_distributed()
+        return 2
     try:
-        trainer.train()
+        return trainer.train()
     finally:
         shutdown_distributed()
-    return 0
 
 
 if __name__ == "__main__":

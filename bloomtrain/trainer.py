@@ -7,6 +7,7 @@ Every rank runs this file; rank 0 alone writes the config, the metrics and the p
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import sys
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
-from bloomtrain import checkpoint as ckpt
+from bloomtrain.checkpoint import TrainingProgress, latest_checkpoint, read_model_weights
+from bloomtrain.checkpoint.manager import CheckpointManager
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
 from bloomtrain.data.blend import Blend, read_blend
@@ -28,6 +30,7 @@ from bloomtrain.metrics import MetricsLogger
 from bloomtrain.optim import build_scheduler
 from bloomtrain.parallel.engine import TrainingEngine
 from bloomtrain.parallel.layout import ParallelLayout
+from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, StopRequests
 from bloomtrain.progress import StepProgress
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class Trainer:
     def __init__(self, config: BloomTrainConfig, context: DistributedContext, layout: ParallelLayout) -> None:
         self.config, self.context, self.layout = config, context, layout
         train = config.train
+        self.stops = StopRequests(train.exit_duration_minutes)
         self.run_dir = Path(config.run.dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
         if context.is_main:
@@ -57,16 +61,34 @@ class Trainer:
             raise ConfigError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
                 f"{config.model.vocab_size}; set model.vocab_size>={self.tokenizer.vocab_size}")
-        self.progress = ckpt.TrainingProgress()
-        checkpoint = ckpt.latest_checkpoint(self.checkpoints_dir)
-        if checkpoint is not None:
-            self._check_compatible(checkpoint)
+        self.progress = TrainingProgress()
+        self.checkpoints = CheckpointManager(config, {
+            "tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
+            "zero_stage": layout.zero_stage}, config.model.padded_vocab_size(layout.tensor))
+        checkpoint = self.checkpoints.resume_point()
+        meta = self.checkpoints.check_compatible(checkpoint) if checkpoint is not None else None
+        universal = meta is not None and self.checkpoints.needs_universal(meta)
+        if meta is not None and meta.padded_vocab_size:
+            self.checkpoints.padded_vocab_size = meta.padded_vocab_size  # keep the trained padding rows
+        load_from = self.checkpoints.prepare_universal(checkpoint) if universal else checkpoint
 
         self.engine = TrainingEngine(config.model, train, config.optimizer, layout, context.device,
-                                     config.parallel.activation_checkpointing)
+                                     config.parallel.activation_checkpointing,
+                                     padded_vocab_size=self.checkpoints.padded_vocab_size,
+                                     load_universal=universal,
+                                     initial_weights=read_model_weights(checkpoint) if meta and meta.weights_only
+                                     else None)
         self.scheduler = build_scheduler(self.engine.optimizer, config.optimizer, train.max_steps)
-        if checkpoint is not None:
-            self._resume(checkpoint)
+        if meta is not None and not meta.weights_only:
+            client_state = self.checkpoints.load(self.engine.engine, load_from, universal)
+            self.scheduler.load_state_dict(client_state["scheduler"])
+            self.progress = meta.progress
+            if context.is_main:
+                how = f" (re-sharded from {meta.layout} through a universal checkpoint)" if universal else ""
+                logger.info("resumed from %s at step %d, %d samples consumed%s", checkpoint, self.progress.step,
+                            self.progress.consumed_samples, how)
+        elif meta is not None and context.is_main:
+            logger.info("starting from the weights in %s", checkpoint)
 
         self.batch_layout = BatchLayout(train.micro_batch_size, train.global_batch_size, layout.data,
                                         parallel_state.get_data_parallel_rank())
@@ -101,28 +123,10 @@ class Trainer:
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(str(error)) from None
 
-    def _check_compatible(self, checkpoint: Path) -> None:
-        saved_model, _, saved_layout = ckpt.read_meta(checkpoint)
-        for field in ("hidden_size", "num_layers", "num_attention_heads", "vocab_size", "vocab_pad_multiple"):
-            saved, wanted = getattr(saved_model, field), getattr(self.config.model, field)
-            if saved != wanted:
-                raise ConfigError(f"{checkpoint} was written with model.{field}={saved} but the config says "
-                                  f"{wanted}; use the same model or a new run.dir")
-        current = {"tensor": self.layout.tensor, "pipeline": self.layout.pipeline, "data": self.layout.data}
-        if saved_layout != current:
-            raise ConfigError(f"{checkpoint} was written under layout {saved_layout}, this run is {current}; "
-                              "resume with the same parallel.tensor/pipeline/data")
-
-    def _resume(self, checkpoint: Path) -> None:
-        client_state = ckpt.load_checkpoint(self.engine.engine, checkpoint)
-        self.scheduler.load_state_dict(client_state["scheduler"])
-        _, self.progress, _ = ckpt.read_meta(checkpoint)
-        if self.context.is_main:
-            logger.info("resumed from %s (step %d, %d samples consumed)", checkpoint, self.progress.step,
-                        self.progress.consumed_samples)
-
-    def train(self) -> None:
+    def train(self) -> int:
+        """Train to ``train.max_steps``; returns the process exit status (0, or EXIT_RESUMABLE after a stop)."""
         train = self.config.train
+        status = 0
         progress = self.progress
         display = StepProgress(train.max_steps, progress.step, self.config.logging.interval,
                                enabled=self.context.is_main)
@@ -134,6 +138,7 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 progress.step += 1
                 progress.consumed_samples += train.global_batch_size
+                progress.consumed_tokens += train.global_batch_size * train.seq_length
                 if self.metrics is not None:
                     metrics = {
                         "loss": result.loss,
@@ -147,20 +152,31 @@ class Trainer:
                     self.metrics.log(metrics, progress.step)
                     display.update(progress.step, metrics)
                 interval = self.config.checkpoint.interval
-                if progress.step == train.max_steps or (interval and progress.step % interval == 0):
+                saved = progress.step == train.max_steps or bool(interval and progress.step % interval == 0)
+                if saved:
                     self.save()
+                reason = self.stops.agreed_reason(self.context.device)
+                if reason is not None and progress.step < train.max_steps:
+                    if not saved:
+                        self.save()
+                    if self.context.is_main:
+                        record = {"step": progress.step, "reason": reason, "exit_status": EXIT_RESUMABLE}
+                        (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
+                        print(f"bloomtrain: stopped after step {progress.step} ({reason}); checkpoint saved, "
+                              f"exiting with status {EXIT_RESUMABLE} so the job can be requeued", flush=True)
+                    status = EXIT_RESUMABLE
+                    break
+        self.stops.restore()
         if self.metrics is not None:
             self.metrics.close()
             self._print_summary()
+        return status
 
     def save(self) -> Path:
-        layout = {"tensor": self.layout.tensor, "pipeline": self.layout.pipeline, "data": self.layout.data}
-        return ckpt.save_checkpoint(self.engine.engine, self.checkpoints_dir, self.config.model, layout,
-                                    self.progress, {"scheduler": self.scheduler.state_dict()},
-                                    keep=self.config.checkpoint.keep)
+        return self.checkpoints.save(self.engine.engine, self.progress, {"scheduler": self.scheduler.state_dict()})
 
     def _print_summary(self) -> None:
-        latest = ckpt.latest_checkpoint(self.checkpoints_dir)
+        latest = latest_checkpoint(self.checkpoints_dir)
         lines = [
             f"run directory : {self.run_dir.resolve()}",
             f"metrics       : {(self.run_dir / 'metrics.jsonl').resolve()}",

@@ -36,7 +36,12 @@ def test_run_directory_layout(tmp_path, sample_cache):
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_12"
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_10", "step_12"]
-    assert {p.name for p in (checkpoints / "step_12").iterdir()} == {"mp_rank_00_model_states.pt", "meta.json"}
+    assert {p.name for p in (checkpoints / "step_12").iterdir()} == {
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "meta.json", "manifest.json",
+        "config.yaml"}
+    meta = json.loads((checkpoints / "step_12" / "meta.json").read_text())
+    assert meta["progress"]["consumed_tokens"] == 12 * 16 * 64 and meta["layout"]["zero_stage"] == 1
+    assert yaml.safe_load(meta["config"])["train"]["max_steps"] == 12 and "git_commit" in meta
     wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
     assert str(wandb_runs[0]) in result.stdout and str(checkpoints / "step_12") in result.stdout
@@ -62,7 +67,7 @@ def test_resume_refuses_a_different_model(tmp_path, sample_cache):
     run_train(_tiny(run_dir, sample_cache, "train.max_steps=3", "logging.wandb.mode=disabled"))
     result = run_train(_tiny(run_dir, sample_cache, "train.max_steps=6", "model.num_layers=2"), check=False)
     assert result.returncode == 2
-    assert "model.num_layers=4 but the config says 2" in result.stderr
+    assert "model.num_layers=4 but the config says model.num_layers=2" in result.stderr
 
 
 def test_bf16_and_fp16_train_without_nans(tmp_path, sample_cache):

@@ -9,6 +9,7 @@ whatever the data-parallel size.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,13 @@ class MicroBatchSampler(Sampler[list[int]]):
         return steps * self.layout.micro_batches_per_step
 
 
+def _leave_stop_signals_to_the_trainer(_: int) -> None:
+    # torchrun and SLURM signal the whole process group; a loader worker dying of SIGTERM would abort
+    # the step the trainer is finishing before its checkpoint. Workers exit with their parent anyway.
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, total_samples: int,
                  num_workers: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Yield, for each optimizer step, the list of this rank's micro-batches (``tokens``, ``labels``)."""
@@ -96,6 +104,7 @@ def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, t
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
     micro_batches: list[dict[str, torch.Tensor]] = []
     for batch in loader:

@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from megatron.core import parallel_state
 from torch import nn
 
+from bloomtrain.checkpoint.weights import copy_plain_weights
 from bloomtrain.config import ModelConfig, OptimizerConfig, TrainConfig
 from bloomtrain.model import build_model
 from bloomtrain.optim import parameter_groups
@@ -30,7 +31,7 @@ from bloomtrain.parallel.tensor_parallel import apply_tensor_parallel, vocab_par
 
 
 def deepspeed_config(train: TrainConfig, optimizer: OptimizerConfig, layout: ParallelLayout,
-                     deepspeed_clips: bool) -> dict:
+                     deepspeed_clips: bool, load_universal: bool = False) -> dict:
     micro_batches = train.global_batch_size // (train.micro_batch_size * layout.data)
     config = {
         "train_batch_size": train.global_batch_size,
@@ -42,6 +43,9 @@ def deepspeed_config(train: TrainConfig, optimizer: OptimizerConfig, layout: Par
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if load_universal:
+        # Restore from a universal checkpoint: each rank slices its part out of full parameters.
+        config["checkpoint"] = {"load_universal": True}
     if layout.sequence_parallel:
         # DeepSpeed's pipeline sends 1/T of an activation from each tensor rank and gathers the pieces
         # on the next stage, assuming the tensor ranks hold the same activation. Under sequence
@@ -105,9 +109,13 @@ class TrainingEngine:
     """Owns the DeepSpeed engine; ``train_step`` runs one optimizer step over this rank's micro-batches."""
 
     def __init__(self, model_config: ModelConfig, train: TrainConfig, optimizer_config: OptimizerConfig,
-                 layout: ParallelLayout, device: torch.device, activation_checkpointing: bool = False) -> None:
+                 layout: ParallelLayout, device: torch.device, activation_checkpointing: bool = False,
+                 padded_vocab_size: int | None = None, load_universal: bool = False,
+                 initial_weights: dict[str, torch.Tensor] | None = None) -> None:
+        """``padded_vocab_size`` keeps a checkpoint's padding; ``initial_weights`` (full, plain-named)
+        replace the initialisation, before DeepSpeed builds its optimizer state from the parameters."""
         self.layout = layout
-        self.padded_vocab_size = model_config.padded_vocab_size(layout.tensor)
+        self.padded_vocab_size = padded_vocab_size or model_config.padded_vocab_size(layout.tensor)
         if layout.pipeline > 1:
             module: nn.Module = build_pipeline_module(model_config, layout, self.padded_vocab_size, train.seed,
                                                       activation_checkpointing)
@@ -118,6 +126,8 @@ class TrainingEngine:
             if activation_checkpointing:
                 for block in module.h:
                     block.forward = functools.partial(recompute, block.forward)
+        if initial_weights is not None:
+            copy_plain_weights(module, initial_weights, model_config.num_layers)
         deepspeed_clips = train.precision != "fp32" or layout.zero_stage > 0
         adam = dict(lr=optimizer_config.lr, betas=(optimizer_config.beta1, optimizer_config.beta2),
                     eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay)
@@ -128,7 +138,7 @@ class TrainingEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
-            config=deepspeed_config(train, optimizer_config, layout, deepspeed_clips),
+            config=deepspeed_config(train, optimizer_config, layout, deepspeed_clips, load_universal),
             mpu=None if layout.pipeline > 1 else MegatronModelParallelUnit(),
         )
         self.module = self.engine.module

@@ -47,13 +47,21 @@ def _no_init(_: torch.Tensor) -> None:
 
 
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
-    """megatron-core's column-parallel linear, returning just the output like ``nn.Linear``."""
+    """megatron-core's column-parallel linear, returning just the output like ``nn.Linear``.
+
+    Saves no (always empty) ``_extra_state``, so state dicts hold exactly ``nn.Linear``'s keys; loading
+    still accepts the empty one megatron's pre-hook adds.
+    """
+
+    get_extra_state = nn.Module.get_extra_state
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(hidden)[0]
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    get_extra_state = nn.Module.get_extra_state
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(hidden)[0]
 

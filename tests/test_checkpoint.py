@@ -1,0 +1,266 @@
+"""Checkpoints: exact resume after SIGKILL, stops on SIGTERM/SIGUSR1, damaged checkpoints, new layouts,
+Hugging Face export from a parallel layout, and weights-only loading (CPU, gloo, bloom-tiny)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bloomtrain.checkpoint import store
+from bloomtrain.metrics import read_metrics
+from tests.conftest import REPO, _free_port, run_torchrun, run_train
+
+
+def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
+            "optimizer.warmup_steps=2", "logging.wandb.mode=disabled", *extra]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def _start_torchrun(processes: int, overrides: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "bloomtrain.train",
+               *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def _latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().split("_")[1]) if pointer.exists() else -1
+
+
+def test_sigkill_then_restart_resumes_exactly(tmp_path, sample_cache):
+    steps = 16
+    common = ["train.max_steps=16", "checkpoint.interval=4", "checkpoint.keep=0"]
+    reference = tmp_path / "uninterrupted"
+    run_torchrun(2, _overrides(reference, sample_cache, *common))
+
+    run_dir = tmp_path / "killed"
+    process = _start_torchrun(2, _overrides(run_dir, sample_cache, *common))
+    _wait_for(lambda: _latest_step(run_dir) >= 4 or process.poll() is not None)
+    # torchrun and both ranks (torchrun gives them sessions of their own), mid-step, no chance to save.
+    subprocess.run(["pkill", "-KILL", "-f", f"run.dir={run_dir}"], check=True)
+    process.wait()
+    killed_at = _latest_step(run_dir)
+    assert 4 <= killed_at < steps, f"the run was not killed mid-way (latest checkpoint step {killed_at})"
+
+    result = run_torchrun(2, _overrides(run_dir, sample_cache, *common))
+    assert f"step_{killed_at}" in result.stderr and "resumed from" in result.stderr
+    want, got = read_metrics(reference), read_metrics(run_dir)
+    assert [m["step"] for m in got] == list(range(1, steps + 1))
+    for resumed, uninterrupted in zip(got[killed_at:], want[killed_at:], strict=True):
+        assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6, abs=0), resumed["step"]
+        assert resumed["consumed_samples"] == uninterrupted["consumed_samples"]
+        assert resumed["lr"] == pytest.approx(uninterrupted["lr"], rel=1e-9)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_stop_signal_saves_and_exits_75(signum, tmp_path, sample_cache):
+    run_dir = tmp_path / "run"
+    process = _start_torchrun(2, _overrides(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0"))
+    _wait_for(lambda: len(_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False)
+    # As SLURM does: every process of the job step gets the signal (torchrun also passes it on).
+    subprocess.run(["pkill", f"-{signal.Signals(signum).name.removeprefix('SIG')}", "-f", f"run.dir={run_dir}"],
+                   check=True)
+    output, _ = process.communicate(timeout=300)
+    last_step = max(_losses(run_dir))
+    assert "checkpoint saved, exiting with status 75" in output
+    assert _latest_step(run_dir) == last_step < 300
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == last_step
+    assert not store.manifest_problems(run_dir / "checkpoints" / f"step_{last_step}")
+
+
+def test_launcher_passes_the_stop_on_and_exits_75(tmp_path, sample_cache):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "bloomtrain.launch", "launch.processes=2",
+               *_overrides(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0")]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: len(_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False)
+    process.send_signal(signal.SIGUSR1)  # only the launcher: it must reach the ranks through torchrun
+    process.communicate(timeout=300)
+    assert process.returncode == 75
+    assert _latest_step(run_dir) == max(_losses(run_dir))
+
+
+def test_exit_duration_budget_stops_with_a_checkpoint(tmp_path, sample_cache):
+    run_dir = tmp_path / "run"
+    result = run_train(_overrides(run_dir, sample_cache, "train.max_steps=300", "train.exit_duration_minutes=0.001"),
+                       check=False)
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert "train.exit_duration_minutes=0.001 reached" in result.stdout
+    assert _latest_step(run_dir) == 1
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, sample_cache):
+    run_dir = tmp_path / "run"
+    run_train(_overrides(run_dir, sample_cache, "train.max_steps=4", "checkpoint.interval=2",
+                         "optimizer.decay_steps=8"))
+    newest = run_dir / "checkpoints" / "step_4"
+    damaged = newest / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a save cut short
+    (run_dir / "checkpoints" / "step_6.tmp").mkdir()  # a save that never finished is never considered
+
+    result = run_train(_overrides(run_dir, sample_cache, "train.max_steps=6", "checkpoint.interval=2",
+                                  "optimizer.decay_steps=8"))
+    warning = [line for line in result.stdout.splitlines() if "incomplete or damaged" in line]
+    assert len(warning) == 1 and "step_4" in warning[0] and "mp_rank_00_model_states.pt" in warning[0]
+    assert "step_2 at step 2" in result.stderr
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_nothing_is_unpickled_from_a_checkpoint(tmp_path, sample_cache):
+    run_dir = tmp_path / "run"
+    run_train(_overrides(run_dir, sample_cache, "train.max_steps=2", "optimizer.decay_steps=4"))
+    checkpoint = run_dir / "checkpoints" / "step_2"
+    states = checkpoint / "mp_rank_00_model_states.pt"
+    planted = tmp_path / "code-ran"
+    state = torch.load(states, weights_only=False)
+    state["payload"] = _Payload(str(planted))
+    torch.save(state, states)
+    manifest = json.loads((checkpoint / store.MANIFEST_FILE).read_text())
+    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": store.file_digest(states)}
+    (checkpoint / store.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    result = run_train(_overrides(run_dir, sample_cache, "train.max_steps=4", "optimizer.decay_steps=4"),
+                       check=False)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("bloomtrain: checkpoint error:") and "does not unpickle" in error
+    assert not planted.exists()
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+# ------------------------------------------------------------------------------------------ new layouts
+
+LAYOUT_CHANGES = [((2, 2, 2), (1, 1, 1)), ((1, 1, 1), (2, 1, 2)), ((2, 1, 1), (1, 2, 1))]
+
+
+def _layout(tensor: int, pipeline: int, data: int) -> list[str]:
+    return [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}", f"parallel.data={data}"]
+
+
+@pytest.mark.parametrize("source,target", LAYOUT_CHANGES,
+                         ids=["{}{}{}->{}{}{}".format(*a, *b) for a, b in LAYOUT_CHANGES])
+def test_resume_under_a_new_layout(source, target, tmp_path, sample_cache):
+    # A small clip keeps clipping active, so the restored optimizer state and norms must be right.
+    common = ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=0", "optimizer.grad_clip=0.3"]
+    original = tmp_path / "original"
+    run_torchrun(source[0] * source[1] * source[2], _overrides(original, sample_cache, *common, *_layout(*source)))
+
+    resumed = tmp_path / "resumed"
+    result = run_torchrun(target[0] * target[1] * target[2],
+                          _overrides(resumed, sample_cache, *common, *_layout(*target),
+                                     f"checkpoint.resume={original}/checkpoints/step_2"))
+    assert "through a universal checkpoint" in result.stderr
+    want, got = _losses(original), _losses(resumed)
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
+
+
+def test_hf_export_from_a_tensor_and_pipeline_parallel_run(tmp_path, sample_cache):
+    transformers = pytest.importorskip("transformers")
+    from bloomtrain.checkpoint.universal import convert_to_universal
+    from bloomtrain.convert import to_hf
+    from bloomtrain.model import Bloom
+
+    run_dir = tmp_path / "run"
+    run_torchrun(4, _overrides(run_dir, sample_cache, "train.max_steps=2", "optimizer.warmup_steps=1",
+                               *_layout(2, 2, 1)))
+    checkpoint = run_dir / "checkpoints" / "step_2"
+    hf_dir = to_hf(run_dir, tmp_path / "hf")
+    hf_model = transformers.BloomForCausalLM.from_pretrained(hf_dir).eval()
+
+    # The weights as DeepSpeed's own universal conversion merges them, independent of our export path.
+    universal = convert_to_universal(checkpoint, tmp_path / "universal")
+    meta = store.read_meta(checkpoint)
+    model = Bloom(meta.model, meta.padded_vocab_size)
+    state = {name: torch.load(universal / "zero" / name / "fp32.pt", weights_only=True)["param"]
+             for name, _ in model.named_parameters()}
+    model.load_state_dict(state, strict=True)
+    tokens = torch.randint(0, meta.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(tokens)[..., : meta.model.vocab_size]
+        theirs = hf_model(tokens).logits
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+# ------------------------------------------------------------------------------------ the on-disk format
+
+def test_manifest_catches_truncation_and_corruption(tmp_path):
+    directory = tmp_path / "step_1"
+    directory.mkdir()
+    (directory / "a.pt").write_bytes(b"x" * 1000)
+    (directory / "b.pt").write_bytes(b"y" * 10)
+    store.write_manifest(directory, {name: store.file_digest(directory / name) for name in store.list_files(directory)})
+    assert store.manifest_problems(directory) == []
+    (directory / "b.pt").write_bytes(b"z" * 10)
+    assert store.manifest_problems(directory) == ["b.pt does not match its checksum"]
+    (directory / "a.pt").write_bytes(b"x" * 10)
+    assert "a.pt has 10 bytes, the manifest says 1000" in store.manifest_problems(directory)
+    (directory / "a.pt").unlink()
+    assert "a.pt is missing" in store.manifest_problems(directory)
+
+
+def test_prune_keeps_the_newest_and_every_nth(tmp_path):
+    for step in range(10, 80, 10):
+        (tmp_path / f"step_{step}").mkdir()
+    store.prune(tmp_path, keep=2, keep_every=30)
+    assert sorted(store.step_of(p) for p in store.published_checkpoints(tmp_path)) == [30, 60, 70]
+
+
+def test_zero_0_checkpoint_names_the_fix_for_a_new_layout(tmp_path, sample_cache):
+    common = ["train.max_steps=2", "optimizer.warmup_steps=1", "parallel.zero_stage=0"]
+    run_train(_overrides(tmp_path / "a", sample_cache, *common))
+    result = run_torchrun(2, _overrides(tmp_path / "b", sample_cache, *common, "parallel.tensor=2",
+                                        f"checkpoint.resume={tmp_path / 'a'}"), check=False)
+    assert result.returncode != 0
+    assert "config error" in result.stderr and "parallel.zero_stage>=1" in result.stderr
+
+
+def test_training_starts_from_hugging_face_weights_under_any_layout(tmp_path, sample_cache):
+    from bloomtrain.convert import from_hf_to_checkpoint, to_hf
+
+    common = ["train.max_steps=2", "optimizer.warmup_steps=1"]
+    run_train(_overrides(tmp_path / "trained", sample_cache, "train.max_steps=6", "optimizer.warmup_steps=1"))
+    hf_dir = to_hf(tmp_path / "trained", tmp_path / "hf")
+    start = from_hf_to_checkpoint(hf_dir, tmp_path / "from_hf")
+
+    fresh = tmp_path / "fresh"
+    run_train(_overrides(fresh, sample_cache, *common))
+    single, tensor = tmp_path / "single", tmp_path / "tensor"
+    result = run_train(_overrides(single, sample_cache, *common, f"checkpoint.resume={start}"))
+    assert "starting from the weights in" in result.stderr
+    run_torchrun(2, _overrides(tensor, sample_cache, *common, "parallel.tensor=2", f"checkpoint.resume={start}"))
+    assert [m["step"] for m in read_metrics(single)] == [1, 2]  # a new run: step 1, fresh optimizer
+    assert _losses(single)[1] < _losses(fresh)[1] - 0.1  # the trained weights, not a fresh init
+    for step in (1, 2):
+        assert _losses(tensor)[step] == pytest.approx(_losses(single)[step], rel=1e-5)
