@@ -26,13 +26,14 @@ SCHEMA_NAME = "bloomtrain_schema"
 ConfigStore.instance().store(name=SCHEMA_NAME, node=BloomTrainConfig)
 
 
-def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with ``overrides``; raise ConfigError on a bad override."""
+def compose_config(overrides: Sequence[str] = (), config_name: str = "config", config_dir: Path = CONF_DIR,
+                   schema: type = BloomTrainConfig) -> DictConfig:
+    """Compose ``<config_dir>/<config_name>.yaml`` with ``overrides``; raise ConfigError on a bad override."""
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(_explain(error)) from None
+        raise ConfigError(_explain(error, schema)) from None
 
 
 def load_config(overrides: Sequence[str] = ()) -> BloomTrainConfig:
@@ -41,25 +42,40 @@ def load_config(overrides: Sequence[str] = ()) -> BloomTrainConfig:
     return to_validated(composed)
 
 
-def to_validated(composed: DictConfig) -> BloomTrainConfig:
+def to_validated(composed: DictConfig, schema: type = BloomTrainConfig):
     """Resolve interpolations and run every dataclass's ``__post_init__`` validation."""
-    known = set(_all_keys(OmegaConf.structured(BloomTrainConfig)))
+    structured = OmegaConf.structured(schema)
+    known = set(_all_keys(structured))
+    free = _free_dicts(structured)
     for key in _all_keys(composed):
-        if key not in known:
-            raise ConfigError(f"unknown config key '{key}'{_suggest(key)}")
+        if key not in known and not any(key.startswith(prefix + ".") for prefix in free):
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, schema)}")
     try:
         config = OmegaConf.to_object(composed)
     except OmegaConfBaseException as error:
-        raise ConfigError(_explain(error)) from None
-    assert isinstance(config, BloomTrainConfig)
+        raise ConfigError(_explain(error, schema)) from None
+    assert isinstance(config, schema)
     return config
+
+
+def _free_dicts(node: DictConfig, prefix: str = "") -> list[str]:
+    """Paths of free-form dict fields (e.g. ``quality.overrides``): the keys under them are the user's."""
+    found = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                found.append(f"{prefix}{key}")
+            else:
+                found.extend(_free_dicts(child, f"{prefix}{key}."))
+    return found
 
 
 def to_yaml(config: BloomTrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def _explain(error: Exception) -> str:
+def _explain(error: Exception, schema: type = BloomTrainConfig) -> str:
     """Turn Hydra/OmegaConf's error chain into one line that names the key and the fix."""
     messages = []
     current: BaseException | None = error
@@ -71,7 +87,7 @@ def _explain(error: Exception) -> str:
     full_key = _search(r"full_key: ([\w.]+)", text)
     if re.search(r"Key '[^']*' (not in|is not in struct)", text):
         key = full_key or _search(r"Could not override '([\w.]+)'", text) or "?"
-        return f"unknown config key '{key}'{_suggest(key)}"
+        return f"unknown config key '{key}'{_suggest(key, schema)}"
     if "could not be converted" in text or re.search(r"Value '[^']*' is not a", text):
         value = _search(r"Value '([^']*)'", text)
         wanted = _search(r"converted to (\w+)", text) or _search(r"is not a (\w+)", text)
@@ -90,9 +106,9 @@ def _search(pattern: str, text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _suggest(full_key: str) -> str:
+def _suggest(full_key: str, schema: type = BloomTrainConfig) -> str:
     """' (did you mean ...?)' from the schema's own keys."""
-    known = _all_keys(OmegaConf.structured(BloomTrainConfig))
+    known = _all_keys(OmegaConf.structured(schema))
     close = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else "; run with --help to list the keys"
 
@@ -116,7 +132,7 @@ def describe_keys() -> str:
     for key in _all_keys(schema):
         value = OmegaConf.select(schema, key, throw_on_missing=False)
         lines.append(f"  {key}={value}")
-    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "pipeline")
     for group in groups:
         names = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         lines.append(f"  {group}=<{'|'.join(names)}>")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import shutil
 import sys
@@ -43,12 +44,14 @@ def read_documents(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int) -> Path:
+def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe") -> Path:
+    """Train ``<model_prefix>.model``; the same texts give the same bytes wherever it is written."""
+    model = io.BytesIO()  # a model written by path would record that path in its trainer spec
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
-        model_prefix=str(model_prefix),
+        model_writer=model,
         vocab_size=vocab_size,
-        model_type="bpe",
+        model_type=model_type,
         byte_fallback=True,
         character_coverage=0.9995,
         split_digits=True,
@@ -61,6 +64,7 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int) -> Pa
         **SPECIAL_IDS,
     )
     model_path = model_prefix.with_suffix(".model")
+    model_path.write_bytes(model.getvalue())
     # megatron-core's MegatronTokenizer finds its library from this file beside the model.
     MegatronTokenizer.write_metadata(str(model_path), "sentencepiece", overwrite=True)
     return model_path

@@ -12,8 +12,10 @@ from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import CONF_DIR, describe_keys, load_config
 
 GROUP_CONFIGS = sorted(
-    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml")
+    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "pipeline"
 )
+# conf/pipeline/ is the data pipeline's own config root (python -m data_tools.pipeline).
+PIPELINE_EXECUTORS = sorted(path.stem for path in (CONF_DIR / "pipeline" / "executor").glob("*.yaml"))
 
 
 def test_root_config_validates():
@@ -30,9 +32,21 @@ def test_every_shipped_config_composes_and_validates(group, name):
         assert config.model.name == name
 
 
+@pytest.mark.parametrize("executor", PIPELINE_EXECUTORS)
+def test_every_pipeline_config_composes_and_validates(executor):
+    from data_tools.pipeline.config import load_pipeline_config
+
+    config = load_pipeline_config(["input.paths=[raw/*.jsonl]", "output.dir=out", f"executor={executor}",
+                                   "+quality.overrides.fr={min_words:3}", "+language_id.thresholds.en=0.5"])
+    assert config.executor.name == executor and config.quality.overrides["fr"]["min_words"] == 3
+    with pytest.raises(ConfigError, match="dedup.bands"):
+        load_pipeline_config(["input.paths=[raw/*.jsonl]", "output.dir=out", "dedup.bandz=3"])
+
+
 def test_every_yaml_is_covered():
     yamls = {p.relative_to(CONF_DIR) for p in CONF_DIR.rglob("*.yaml")}
-    assert yamls == {Path("config.yaml")} | {Path(g) / f"{n}.yaml" for g, n in GROUP_CONFIGS}
+    pipeline = {Path("pipeline/pipeline.yaml")} | {Path("pipeline/executor") / f"{n}.yaml" for n in PIPELINE_EXECUTORS}
+    assert yamls == {Path("config.yaml")} | {Path(g) / f"{n}.yaml" for g, n in GROUP_CONFIGS} | pipeline
 
 
 def test_published_shapes():

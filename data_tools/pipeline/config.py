@@ -1,0 +1,142 @@
+"""The data pipeline's config schema (``python -m data_tools.pipeline key=value ...``), validated once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from bloomtrain.config import ConfigError
+from bloomtrain.config_loader import compose_config, to_validated
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] = field(default_factory=list)
+    """Files or globs: JSON Lines (.jsonl, .jsonl.gz, .jsonl.zst), Parquet, plain text (.txt)."""
+    text_field: str = "text"
+    id_field: str = "id"
+    lang_field: str | None = None
+    """A field holding each document's language, when the source labels it (see language_id.trust_source)."""
+    max_document_bytes: int = 10_000_000
+    """Longer documents are dropped as 'oversized'."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = ""
+    """Everything the pipeline writes lives here: cleaned/, tokenizer/, tokens/, blend.json, report/."""
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "local"
+    """local (worker processes on this machine) | slurm (submitit job arrays)."""
+    workers: int = 1
+    """Local: worker processes. SLURM: array tasks running at once."""
+    cluster: str | None = None
+    """submitit's cluster: null picks SLURM when sbatch exists; local / debug run the arrays here (tests)."""
+    partition: str | None = None
+    time_minutes: int = 60
+    cpus_per_task: int = 1
+    mem_gb: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("local", "slurm"), f"executor={self.name!r} is not local or slurm")
+        _require(self.workers >= 1, "executor.workers must be >= 1")
+
+
+@dataclass
+class LanguageIdConfig:
+    default_threshold: float = 0.0
+    """Minimum lid.176 score to keep a document; per-language values in thresholds (the quality step
+    also applies ROOTS' per-language language-score cutoffs)."""
+    thresholds: dict[str, float] = field(default_factory=dict)
+    trust_source: bool = False
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = True
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Per language, fields of data_tools.steps.quality.QualityParameters: {fr: {min_words: 5}}."""
+    word_lists_dir: str | None = None
+    """Folder with stopwords/<lang>.txt and flagged/<lang>.txt; without it those two checks are skipped."""
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    num_perm: int = 128
+    bands: int = 25
+    rows: int = 5
+    ngram: int = 5
+    threshold: float = 0.8
+    verify_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.bands * self.rows <= self.num_perm,
+                 f"dedup.bands x dedup.rows = {self.bands * self.rows} exceeds dedup.num_perm={self.num_perm}")
+        _require(0 < self.threshold <= 1, "dedup.threshold must lie in (0, 1]")
+
+
+@dataclass
+class TokenizerConfig:
+    existing: str | None = None
+    """Use this sentencepiece model instead of training one."""
+    model_type: str = "bpe"
+    """bpe (with byte fallback, as BLOOM) | unigram."""
+    vocab_size: int = 4096
+    """BLOOM used 250,680; small corpora need small vocabularies."""
+    alpha: float = 0.3
+    """Temperature of the language-balanced training sample (BLOOM: 0.3)."""
+    sample_bytes: int = 200_000_000
+    """Size of the training sample."""
+
+    def __post_init__(self) -> None:
+        _require(self.model_type in ("bpe", "unigram"), f"tokenizer.model_type={self.model_type!r} is not bpe/unigram")
+        _require(self.vocab_size >= 256, "tokenizer.vocab_size must be >= 256")
+
+
+@dataclass
+class BlendConfig:
+    alpha: float = 0.3
+    """Temperature over token counts for the language mixture (BLOOM: 0.3)."""
+
+
+@dataclass
+class PipelineConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    normalize: bool = True
+    pii: bool = True
+    language_id: LanguageIdConfig = field(default_factory=LanguageIdConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.input.paths), "input.paths is empty; give the files to process, e.g. "
+                                         "input.paths='[data/*.jsonl.gz]'")
+        _require(bool(self.output.dir), "output.dir is not set; name the folder the pipeline writes into")
+
+
+PIPELINE_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "pipeline"
+ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+
+
+def load_pipeline_config(overrides: Sequence[str] = ()) -> PipelineConfig:
+    """The validated pipeline config for ``overrides``; a ConfigError names the bad key in one line."""
+    composed = compose_config(overrides, config_name="pipeline", config_dir=PIPELINE_CONF_DIR, schema=PipelineConfig)
+    return to_validated(composed, schema=PipelineConfig)

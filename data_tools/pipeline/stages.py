@@ -1,0 +1,297 @@
+"""The pipeline's stages, each a function of (config, task index) that an executor can run anywhere.
+
+    clean     per input file: read -> normalise -> language id -> quality -> PII; keys for dedup
+    dedup     once: exact duplicates (first in input order wins) and MinHash near-duplicate clusters
+    split     per input file: the kept documents -> cleaned/<file>.jsonl
+    tokenizer once: sentencepiece on a language-balanced sample (temperature alpha), or the given model
+    tokenize  per input file: one partial .bin/.idx per language
+    merge     once: per language, the partials in input order -> tokens/<lang>.bin/.idx; blend.json
+
+Every task writes into temporary names and renames, then leaves a completion marker; a rerun skips
+tasks whose marker exists, so it redoes only unfinished work and ends with the same bytes. Because
+tasks are per input file and merged in input order, the output does not depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.pipeline.config import PipelineConfig
+from data_tools.steps.base import Document, StepStats
+
+WORK = "work"
+
+
+def work_dir(config: PipelineConfig) -> Path:
+    return Path(config.output.dir) / WORK
+
+
+def marker(config: PipelineConfig, stage: str, task: int) -> Path:
+    return work_dir(config) / "done" / f"{stage}-{task:05d}"
+
+
+def _shard(task: int) -> str:
+    return f"{task:05d}"
+
+
+def _write_atomically(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    write(staging)
+    os.replace(staging, path)
+
+
+def _save_json(path: Path, value) -> None:
+    _write_atomically(path, lambda p: p.write_text(json.dumps(value)))
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(staging: Path) -> None:
+        with open(staging, "wb") as handle:
+            np.save(handle, array)
+
+    _write_atomically(path, write)
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+# ---------------------------------------------------------------------------------------------- clean
+
+def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+    """Returns the input bytes processed (for progress)."""
+    from data_tools.minhash import MinHasher, MinHashParameters
+    from data_tools.steps.dedup_exact import dedup_key
+    from data_tools.steps.langid import LanguageId
+    from data_tools.steps.normalize import Normalize
+    from data_tools.steps.pii import RedactPII
+    from data_tools.steps.quality import QualityFilter
+    from data_tools.steps.read import DocumentReader
+
+    reader = DocumentReader(config.input.text_field, config.input.id_field, config.input.lang_field,
+                            config.input.max_document_bytes)
+    steps = []
+    if config.normalize:
+        steps.append(Normalize())
+    steps.append(LanguageId(dict(config.language_id.thresholds), config.language_id.default_threshold,
+                            config.language_id.trust_source))
+    if config.quality.enabled:
+        steps.append(QualityFilter(dict(config.quality.overrides), config.quality.word_lists_dir))
+    if config.pii:
+        steps.append(RedactPII())
+    documents = reader.read(inputs[task])
+    for step in steps:
+        documents = step.run(documents)
+    kept: list[Document] = list(documents)
+
+    out = work_dir(config) / "clean"
+    _write_atomically(out / f"{_shard(task)}.jsonl", lambda p: p.write_text(
+        "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in kept), encoding="utf-8"))
+    _save_json(out / f"{_shard(task)}.stats.json", [s.stats.to_json() for s in (reader, *steps)])
+    _save_npy(out / f"{_shard(task)}.exact.npy", np.array([dedup_key(d.text) for d in kept], dtype=np.uint64))
+    if config.dedup.near:
+        hasher = MinHasher(MinHashParameters(num_perm=config.dedup.num_perm, bands=config.dedup.bands,
+                                             rows=config.dedup.rows, ngram=config.dedup.ngram))
+        _save_npy(out / f"{_shard(task)}.signatures.npy",
+                  hasher.signatures([d.text for d in kept], [d.language for d in kept]))
+    return inputs[task].stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------- dedup
+
+def dedup(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+    """Decide, over all files at once, which documents go; one boolean mask per file."""
+    from data_tools.minhash import MinHashParameters, duplicate_clusters
+
+    out = work_dir(config)
+    keys = [np.load(out / "clean" / f"{_shard(i)}.exact.npy") for i in range(len(inputs))]
+    sizes = [k.size for k in keys]
+    flat_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+    reason = np.zeros(flat_keys.size, dtype=np.int8)  # 0 kept, 1 exact duplicate, 2 near duplicate
+    if config.dedup.exact and flat_keys.size:
+        _, first = np.unique(flat_keys, return_index=True)
+        duplicate = np.ones(flat_keys.size, dtype=bool)
+        duplicate[first] = False
+        reason[duplicate] = 1
+    if config.dedup.near and flat_keys.size:
+        signatures = np.concatenate([np.load(out / "clean" / f"{_shard(i)}.signatures.npy")
+                                     for i in range(len(inputs))])
+        survivors = np.flatnonzero(reason == 0)
+        parameters = MinHashParameters(num_perm=config.dedup.num_perm, bands=config.dedup.bands,
+                                       rows=config.dedup.rows, threshold=config.dedup.threshold,
+                                       verify_threshold=config.dedup.verify_threshold)
+        roots = duplicate_clusters(signatures[survivors], parameters)
+        reason[survivors[roots != np.arange(survivors.size)]] = 2
+    offsets = np.cumsum([0, *sizes])
+    for i in range(len(inputs)):
+        _save_npy(out / "dedup" / f"{_shard(i)}.reason.npy", reason[offsets[i]:offsets[i + 1]])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+DEDUP_REASONS = {1: "exact_duplicate", 2: "near_duplicate"}
+
+
+def split(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+    out = work_dir(config)
+    reasons = np.load(out / "dedup" / f"{_shard(task)}.reason.npy")
+    stats = StepStats("dedup")
+    lines = []
+    for record, reason in zip(_read_jsonl(out / "clean" / f"{_shard(task)}.jsonl"), reasons, strict=True):
+        document = Document(record["id"], record["text"], record["lang"])
+        stats.record_in(document)
+        if reason:
+            stats.record_drop(DEDUP_REASONS[int(reason)], document.language)
+            continue
+        stats.record_out(document)
+        lines.append(json.dumps({"id": record["id"], "text": record["text"], "lang": record["lang"]},
+                                ensure_ascii=False) + "\n")
+    cleaned = Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"
+    _write_atomically(cleaned, lambda p: p.write_text("".join(lines), encoding="utf-8"))
+    _save_json(out / "dedup" / f"{_shard(task)}.stats.json", stats.to_json())
+    return cleaned.stat().st_size
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+def tokenizer(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+    from data_tools.sample import train_tokenizer
+
+    target = Path(config.output.dir) / "tokenizer"
+    if config.tokenizer.existing:
+        staging = target.with_name("tokenizer.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        shutil.copy(Path(config.tokenizer.existing).expanduser(), staging / "tokenizer.model")
+        from megatron.core.tokenizers import MegatronTokenizer
+
+        MegatronTokenizer.write_metadata(str(staging / "tokenizer.model"), "sentencepiece", overwrite=True)
+    else:
+        texts = balanced_sample(config, len(inputs))
+        staging = target.with_name("tokenizer.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        train_tokenizer(texts, staging / "tokenizer", config.tokenizer.vocab_size, config.tokenizer.model_type)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return 0
+
+
+def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
+    """Up to ``tokenizer.sample_bytes`` of cleaned text, languages weighted by (share of bytes) ** alpha."""
+    from bloomtrain.data.blend import temperature_weights
+
+    sizes: dict[str, int] = defaultdict(int)
+    for i in range(shards):
+        for language, counts in json.loads((work_dir(config) / "dedup" / f"{_shard(i)}.stats.json").read_text())[
+                "out"].items():
+            sizes[language] += counts["bytes"]
+    if not sizes:
+        raise ValueError("no document survived cleaning; nothing to train a tokenizer on")
+    budget = {language: weight * config.tokenizer.sample_bytes
+              for language, weight in temperature_weights(dict(sizes), config.tokenizer.alpha).items()}
+    texts = []
+    for i in range(shards):
+        for record in _read_jsonl(Path(config.output.dir) / "cleaned" / f"{_shard(i)}.jsonl"):
+            if budget[record["lang"]] > 0:
+                budget[record["lang"]] -= len(record["text"].encode("utf-8"))
+                texts.append(record["text"])
+    return texts
+
+
+# ------------------------------------------------------------------------------------- tokenize, merge
+
+def tokenize(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    processor = spm.SentencePieceProcessor(model_file=str(Path(config.output.dir) / "tokenizer" / "tokenizer.model"))
+    dtype = token_dtype(processor.get_piece_size())
+    by_language: dict[str, list[str]] = defaultdict(list)
+    for record in _read_jsonl(Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"):
+        by_language[record["lang"]].append(record["text"])
+    out = work_dir(config) / "tokens" / _shard(task)
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    counts = {}
+    for language, texts in sorted(by_language.items()):
+        builder = IndexedDatasetBuilder(str(staging / f"{language}.bin"), dtype=dtype)
+        total = 0
+        for ids in processor.encode(texts):
+            ids.append(processor.eos_id())
+            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+            total += len(ids)
+        builder.finalize(str(staging / f"{language}.idx"))
+        counts[language] = total
+    (staging / "counts.json").write_text(json.dumps(counts))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return 0
+
+
+def token_dtype(vocab_size: int) -> type:
+    """uint16 while ids fit (Megatron's choice below 65,500), int32 beyond (BLOOM's 250,680)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def merge(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
+
+    root = Path(config.output.dir)
+    processor = spm.SentencePieceProcessor(model_file=str(root / "tokenizer" / "tokenizer.model"))
+    dtype = token_dtype(processor.get_piece_size())
+    totals: dict[str, int] = defaultdict(int)
+    partials: dict[str, list[Path]] = defaultdict(list)
+    for i in range(len(inputs)):
+        shard = work_dir(config) / "tokens" / _shard(i)
+        for language, count in json.loads((shard / "counts.json").read_text()).items():
+            totals[language] += count
+            partials[language].append(shard / language)
+    tokens = root / "tokens"
+    tokens.mkdir(parents=True, exist_ok=True)
+    for language, prefixes in sorted(partials.items()):
+        staging = tokens / f"{language}.tmp"
+        builder = IndexedDatasetBuilder(f"{staging}.bin", dtype=dtype)
+        with _without_forced_garbage_collection():
+            for prefix in prefixes:
+                builder.add_index(str(prefix))
+        builder.finalize(f"{staging}.idx")
+        os.replace(f"{staging}.bin", tokens / f"{language}.bin")
+        os.replace(f"{staging}.idx", tokens / f"{language}.idx")
+    weights = temperature_weights(dict(totals), config.blend.alpha)
+    entries = [BlendEntry(prefix=f"tokens/{language}", weight=weights[language], lang=language,
+                          tokens=totals[language]) for language in sorted(totals)]
+    write_blend(root / "blend.json", Blend(tokenizer="tokenizer/tokenizer.model", datasets=entries))
+    return 0
+
+
+@contextlib.contextmanager
+def _without_forced_garbage_collection():
+    """megatron-core's ``add_index`` calls ``gc.collect()`` for every partial it appends, a quarter of a
+    second each once torch is loaded: minutes for thousands of shards. Nothing here needs it."""
+    collect = gc.collect
+    gc.collect = lambda *args, **kwargs: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
+
+
+STAGES = [("clean", clean, "per_input"), ("dedup", dedup, "once"), ("split", split, "per_input"),
+          ("tokenizer", tokenizer, "once"), ("tokenize", tokenize, "per_input"), ("merge", merge, "once")]

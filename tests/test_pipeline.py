@@ -1,0 +1,199 @@
+"""The data pipeline end to end: a mixed corpus with planted duplicates and bad lines, worker counts,
+kill and rerun, token files read back with megatron-core, training from its blend file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_tools.sample import SAMPLE_CORPUS
+from tests.conftest import REPO, run_train
+
+SHARDS = 8
+
+
+def _words_jaccard(first: str, second: str, language: str) -> float:
+    if language in ("zh", "ja"):
+        a = {first[i:i + 5] for i in range(len(first) - 4)}
+        b = {second[i:i + 5] for i in range(len(second) - 4)}
+    else:
+        a = set(zip(*[first.split()[k:] for k in range(5)], strict=False))
+        b = set(zip(*[second.split()[k:] for k in range(5)], strict=False))
+    return len(a & b) / len(a | b)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict]:
+    """The bundled UDHR sample split into shards, plus planted copies and bad lines."""
+    rng = random.Random(0)
+    originals = [json.loads(line) for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [{"id": f"orig-{i}", "text": d["text"], "lang_hint": d["lang"]} for i, d in enumerate(originals)]
+    exact, near = {}, {}
+    for i in rng.sample(range(len(originals)), 25):
+        text = originals[i]["text"]
+        # The same text with other spacing, punctuation and digits: an exact duplicate after normalising.
+        copy = " ".join(text.split()).replace(",", " ,").replace(".", "!") + " 2024"
+        exact[f"exact-{i}"] = f"orig-{i}"
+        records.append({"id": f"exact-{i}", "text": copy})
+    for i in rng.sample(range(len(originals)), 60):
+        text, language = originals[i]["text"], originals[i]["lang"]
+        if language in ("zh", "ja"):
+            position = rng.randrange(len(text) // 2, len(text))
+            copy = text[:position] + "字" + text[position + 1:]
+        else:
+            words = text.split()
+            if len(words) < 60:
+                continue
+            words[rng.randrange(len(words))] = "zzzedited"
+            copy = " ".join(words)
+        if _words_jaccard(text, copy, language) >= 0.8 and f"exact-{i}" not in exact:
+            near[f"near-{i}"] = f"orig-{i}"
+            records.append({"id": f"near-{i}", "text": copy})
+    rng.shuffle(records)
+    folder = tmp_path_factory.mktemp("raw")
+    for shard in range(SHARDS):
+        lines = [json.dumps(r, ensure_ascii=False) for r in records[shard::SHARDS]]
+        lines += ["{broken json", json.dumps({"id": f"empty-{shard}", "text": "  "}),
+                  json.dumps({"id": f"number-{shard}", "text": 7})]
+        (folder / f"part-{shard}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with open(folder / f"part-{shard}.jsonl", "ab") as handle:
+            handle.write(b'{"id": "bad-utf8", "text": "\xc3\x28"}\n')
+    return folder, {"exact": exact, "near": near}
+
+
+def _pipeline(raw: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    # Quality filters off: UDHR articles are short, and this test is about dedup and bookkeeping.
+    command = [sys.executable, "-m", "data_tools.pipeline", f"input.paths=[{raw}/part-*.jsonl]",
+               f"output.dir={out}", "quality.enabled=false", "tokenizer.vocab_size=4096", *extra]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    if check and result.returncode:
+        raise AssertionError(result.stdout[-3000:] + result.stderr[-5000:])
+    return result
+
+
+def _tree_bytes(out: Path) -> dict[str, bytes]:
+    folders = ("cleaned", "tokens", "tokenizer")
+    files = {str(p.relative_to(out)): p.read_bytes() for folder in folders for p in (out / folder).rglob("*")
+             if p.is_file()}
+    files["blend.json"] = (out / "blend.json").read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def one_worker(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("one") / "out"
+    return out, _pipeline(corpus[0], out)
+
+
+def test_duplicates_removed_and_distinct_documents_kept(corpus, one_worker):
+    _, planted = corpus
+    out, result = one_worker
+    kept = {json.loads(line)["id"] for path in sorted((out / "cleaned").glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines()}
+    # Input order decides which of a pair stays (the first read), so exactly one of each pair is kept.
+    for copy, original in planted["exact"].items():
+        assert (copy in kept) != (original in kept), (copy, original)
+    near_found = [copy for copy, original in planted["near"].items() if (copy in kept) != (original in kept)]
+    assert len(near_found) / len(planted["near"]) >= 0.95
+    assert all(original in kept or copy in kept for copy, original in planted["near"].items())
+    paired = set(planted["exact"]) | set(planted["exact"].values()) | set(planted["near"]) | \
+        set(planted["near"].values())
+    assert {i for i in _clean_ids(out) if i not in paired} <= kept, "a distinct document was removed"
+    assert "exact_duplicate" in result.stdout and "near_duplicate" in result.stdout
+
+
+def _clean_ids(out: Path) -> list[str]:
+    return [json.loads(line)["id"] for path in sorted((out / "work" / "clean").glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_bad_input_is_counted_not_fatal(one_worker):
+    out, result = one_worker
+    report = json.loads((out / "report" / "report.json").read_text())
+    read = next(step for step in report["steps"] if step["step"] == "read")
+    dropped = {reason: sum(by_language.values()) for reason, by_language in read["dropped"].items()}
+    assert dropped == {"malformed_json": SHARDS, "empty": SHARDS, "non_string_text": SHARDS, "invalid_utf8": SHARDS}
+    assert (out / "report" / "funnel.png").stat().st_size > 1000
+    assert "malformed_json" in result.stdout
+
+
+def test_token_files_decode_to_the_cleaned_text(one_worker):
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    out, _ = one_worker
+    processor = spm.SentencePieceProcessor(model_file=str(out / "tokenizer" / "tokenizer.model"))
+    by_language: dict[str, list[str]] = {}
+    for path in sorted((out / "cleaned").glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            by_language.setdefault(record["lang"], []).append(record["text"])
+    blend = json.loads((out / "blend.json").read_text())
+    assert {entry["lang"] for entry in blend["datasets"]} == set(by_language)
+    assert sum(entry["weight"] for entry in blend["datasets"]) == pytest.approx(1.0)
+    for language, texts in by_language.items():
+        dataset = IndexedDataset(str(out / "tokens" / language))
+        assert len(dataset) == len(texts)
+        for index in range(0, len(texts), 7):
+            ids = dataset[index].tolist()
+            assert ids[-1] == processor.eos_id()
+            assert processor.decode(ids[:-1]) == texts[index]
+
+
+def test_two_workers_write_the_same_bytes(corpus, one_worker, tmp_path):
+    out, _ = one_worker
+    _pipeline(corpus[0], tmp_path / "two", "executor.workers=2")
+    assert _tree_bytes(tmp_path / "two") == _tree_bytes(out)
+
+
+def test_kill_and_rerun_ends_identical(corpus, one_worker, tmp_path):
+    out, _ = one_worker
+    target = tmp_path / "killed"
+    command = [sys.executable, "-m", "data_tools.pipeline", f"input.paths=[{corpus[0]}/part-*.jsonl]",
+               f"output.dir={target}", "quality.enabled=false", "tokenizer.vocab_size=4096"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = target / "work" / "done"
+    deadline = time.monotonic() + 300
+    while len(list(done.glob("clean-*"))) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = len(list(done.glob("clean-*")))
+    assert 3 <= finished < SHARDS, finished
+    rerun = _pipeline(corpus[0], target)
+    assert rerun.returncode == 0
+    assert _tree_bytes(target) == _tree_bytes(out)
+
+
+def test_slurm_executor_through_submitit(corpus, one_worker, tmp_path):
+    out, _ = one_worker
+    _pipeline(corpus[0], tmp_path / "slurm", "executor=slurm", "executor.cluster=local", "executor.workers=2")
+    assert _tree_bytes(tmp_path / "slurm") == _tree_bytes(out)
+    assert list((tmp_path / "slurm" / "work" / "slurm").iterdir())  # submitit's job folders
+
+
+def test_bad_config_and_missing_input_stop_before_work(tmp_path):
+    missing = _pipeline(tmp_path / "nowhere", tmp_path / "out", check=False)
+    assert missing.returncode == 2 and "matches no file" in missing.stderr
+    assert missing.stderr.strip().count("\n") == 0 and not (tmp_path / "out" / "cleaned").exists()
+    bad = _pipeline(tmp_path, tmp_path / "out2", "dedup.bandz=3", check=False)
+    assert bad.returncode == 2 and "dedup.bands" in bad.stderr
+
+
+def test_trainer_trains_from_the_pipeline_output(one_worker, tmp_path):
+    out, _ = one_worker
+    run_dir = tmp_path / "run"
+    run_train(["experiment=quickstart", f"run.dir={run_dir}", f"data.blend={out / 'blend.json'}",
+               "train.max_steps=6", "train.seq_length=64", "optimizer.warmup_steps=2",
+               "logging.wandb.mode=disabled"])
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and np.isfinite(losses).all() and losses[-1] < losses[0]

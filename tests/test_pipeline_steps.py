@@ -1,0 +1,175 @@
+"""The data pipeline's steps, one planted case at a time."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from data_tools.steps.base import Document, StepStats
+from data_tools.steps.dedup_exact import ExactDedup
+from data_tools.steps.langid import LanguageId
+from data_tools.steps.normalize import Normalize, normalize_text
+from data_tools.steps.pii import RedactPII, redact
+from data_tools.steps.quality import QualityFilter, character_repetition_ratio, word_repetition_ratio, words_of
+from data_tools.steps.read import DocumentReader, InputError, expand_inputs
+
+ENGLISH = ("The committee met on Tuesday to discuss the new library, which will open next spring near the old "
+           "market square. Residents asked whether the building would have longer opening hours and more seats "
+           "for students who need a quiet place to work in the evenings.")
+
+
+def _write_jsonl(path, lines, opener=open):
+    with opener(path, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def test_reader_counts_every_kind_of_bad_input(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"id": "a", "text": "good"}), "{not json", json.dumps({"id": "b"}),
+             json.dumps({"id": "c", "text": 42}), json.dumps({"id": "d", "text": "   "}),
+             json.dumps({"id": "e", "text": "x" * 50}), json.dumps(["a list"]), json.dumps({"text": "no id"}),
+             json.dumps({"id": "f", "text": "lone \ud800 surrogate"})]
+    _write_jsonl(path, lines)
+    with open(path, "ab") as handle:
+        handle.write(b'{"id": "g", "text": "\xff\xfe bad bytes"}\n')
+    reader = DocumentReader(max_bytes=40)
+    documents = list(reader.read(path))
+    assert [d.id for d in documents] == ["a", "mixed.jsonl:8"]
+    dropped = {reason: sum(by_lang.values()) for reason, by_lang in reader.stats.dropped.items()}
+    assert dropped == {"malformed_json": 2, "missing_text": 1, "non_string_text": 1, "empty": 1, "oversized": 1,
+                       "invalid_utf8": 2}
+
+
+@pytest.mark.parametrize("suffix", ["jsonl.gz", "jsonl.zst", "parquet", "txt"])
+def test_reader_formats(tmp_path, suffix):
+    path = tmp_path / f"data.{suffix}"
+    records = [{"id": "1", "text": "first document", "lang": "en"}, {"id": "2", "text": "second", "lang": "fr"}]
+    if suffix == "jsonl.gz":
+        _write_jsonl(path, [json.dumps(r) for r in records], opener=gzip.open)
+    elif suffix == "jsonl.zst":
+        import zstandard
+
+        path.write_bytes(zstandard.ZstdCompressor().compress("\n".join(json.dumps(r) for r in records).encode()))
+    elif suffix == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    else:
+        path.write_text("a plain text file\nwith two lines\n", encoding="utf-8")
+    documents = list(DocumentReader(lang_field="lang").read(path))
+    if suffix == "txt":
+        assert [(d.id, d.text) for d in documents] == [("data.txt:1", "a plain text file\nwith two lines\n")]
+    else:
+        assert [(d.id, d.text, d.lang) for d in documents] == [("1", "first document", "en"),
+                                                               ("2", "second", "fr")]
+
+
+def test_missing_or_unknown_inputs_stop_before_any_work(tmp_path):
+    with pytest.raises(InputError, match="matches no file"):
+        expand_inputs([str(tmp_path / "nothing*.jsonl")])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="is not JSON Lines"):
+        expand_inputs([str(tmp_path / "data.csv")])
+
+
+def test_normalization():
+    raw = "Cafe\u0301\x1b[31m red\x1b[0m\u200b  text\r\n\r\n\r\n\r\nnext\x07 line \u00a0end  "
+    assert normalize_text(raw) == "Café red text\n\nnext line end"
+    step = Normalize()
+    assert list(step.run([Document("1", "\x1b[0m\u200b \n")])) == []
+    assert step.stats.dropped["empty_after_normalization"]["unknown"] == 1
+
+
+def test_language_id_labels_scripts_and_applies_thresholds():
+    step = LanguageId(thresholds={"en": 0.5})
+    texts = {"en": ENGLISH,
+             "fr": "Le comité s'est réuni mardi pour discuter de la nouvelle bibliothèque du quartier.",
+             "zh": "委员会星期二开会讨论新图书馆的开放时间和座位安排。",
+             "ar": "اجتمعت اللجنة يوم الثلاثاء لمناقشة المكتبة الجديدة في الحي."}
+    documents = list(step.run(Document(lang, text) for lang, text in texts.items()))
+    assert [(d.id, d.lang) for d in documents] == [(lang, lang) for lang in texts]
+    assert all(d.lang_score > 0.5 for d in documents)
+    strict = LanguageId(thresholds={"en": 0.999999})
+    assert list(strict.run([Document("x", "hello there")])) == []
+    assert strict.stats.dropped["low_language_score"]["en"] == 1
+    trusted = list(LanguageId(trust_source=True).run([Document("y", ENGLISH, lang="fr")]))
+    assert trusted[0].lang == "fr" and trusted[0].lang_score == 0.0
+
+
+def test_repetition_measures():
+    assert character_repetition_ratio("abcdefghijklmnopqrstuvwxyz", 3) == 0.0
+    assert character_repetition_ratio("ab" * 50, 10) == pytest.approx(46 / 91)  # top sqrt(2) = 1 of 2 grams
+    words = "the cat sat on the mat".split()
+    assert word_repetition_ratio(words, 5) == 0.0
+    assert word_repetition_ratio(("a b c d e " * 10).split(), 5) > 0.9
+    assert words_of("你好，世界！", "zh") == ["你", "好", "世", "界"]
+    assert words_of("Hello, world!! 123", "en") == ["Hello", "world"]
+
+
+def test_quality_filter_drops_each_planted_case(tmp_path):
+    lists = tmp_path / "lists"
+    (lists / "stopwords").mkdir(parents=True)
+    (lists / "flagged").mkdir()
+    (lists / "stopwords" / "en.txt").write_text("the\nto\na\nof\nand\nin\nfor\nwho\nwill\nwhich\non\nnear\nmore\n")
+    (lists / "flagged" / "en.txt").write_text("badword\n")
+    step = QualityFilter(word_lists_dir=str(lists))
+    planted = {
+        "good": ENGLISH,
+        "too_few_words": "Too short to keep.",
+        "character_repetition": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa " * 5 + ENGLISH,
+        "special_characters": str(3**700) + " " + ENGLISH,  # digits count as special, and do not repeat
+        "too_few_stopwords": " ".join(f"word{i}x" for i in range(40)).replace("x", "q"),
+        "flagged_words": ENGLISH.replace("library", "badword").replace("market", "badword").replace("quiet", "badword"),
+    }
+    documents = [Document(name, text, lang="en", lang_score=0.99) for name, text in planted.items()]
+    documents.append(Document("low_language_score", ENGLISH, lang="en", lang_score=0.5))
+    kept = list(step.run(documents))
+    assert [d.id for d in kept] == ["good"]
+    for name in planted.keys() - {"good"} | {"low_language_score"}:
+        assert step.stats.dropped[name]["en"] == 1, name
+    # Repeated words repeat characters too; with the character check relaxed, the word check catches them.
+    relaxed = QualityFilter(overrides={"en": {"char_repetition_max": 1.0}}, check_language_score=False)
+    spam = Document("spam", "buy cheap watches now today " * 12 + ENGLISH, lang="en")
+    assert list(relaxed.run([spam])) == [] and relaxed.stats.dropped["word_repetition"]["en"] == 1
+
+
+def test_quality_thresholds_are_roots_per_language_and_overridable():
+    step = QualityFilter(overrides={"fr": {"min_words": 2}})
+    assert step.parameters_for("en").min_words == 20 and step.parameters_for("zh").char_repetition_length == 3
+    assert step.parameters_for("fr").min_words == 2 and step.parameters_for("fr").word_repetition_max == 0.13
+    assert step.parameters_for("sw") == step.parameters_for("default")
+
+
+def test_pii_redaction():
+    text, counts = redact("Write to ana.lopez@example.org or @ana_l; host 10.0.0.254 and 2001:0db8:85a3:0000:0000:"
+                          "8a2e:0370:7334; token ghp_16C7e42F292c6912E7710c838347Ae178B4a. Version 3.10.12, "
+                          "score 999.1.1.1, see name@host")
+    assert "ana.lopez" not in text and "@ana_l" not in text and "10.0.0.254" not in text
+    assert "ghp_16C7e" not in text and "2001:0db8" not in text
+    assert "Version 3.10.12" in text and "999.1.1.1" in text and "name@host" in text
+    assert counts == {"PI:EMAIL": 1, "PI:IP_ADDRESS": 2, "PI:USER": 1, "PI:KEY": 1}
+    step = RedactPII()
+    list(step.run([Document("1", "mail a@b.io and c@d.io")]))
+    assert step.stats.counters["PI:EMAIL"] == 2
+
+
+def test_exact_dedup_ignores_spacing_digits_and_punctuation():
+    step = ExactDedup()
+    documents = [Document("a", "Hello, World! Page 1"), Document("b", "hello world page 2"),
+                 Document("c", "Hello   world... page"), Document("d", "Hello world, another page")]
+    assert [d.id for d in step.run(documents)] == ["a", "d"]
+    assert step.stats.dropped["exact_duplicate"]["unknown"] == 2
+
+
+def test_stats_round_trip_and_merge():
+    one, two = StepStats("s"), StepStats("s")
+    one.record_in(Document("a", "xx", lang="en"))
+    two.record_in(Document("b", "yyy", lang="en"))
+    two.record_drop("reason", "en")
+    two.count("thing", 3)
+    one.merge(StepStats.from_json(json.loads(json.dumps(two.to_json()))))
+    assert one.inputs["en"] == {"documents": 2, "bytes": 5}
+    assert one.dropped["reason"]["en"] == 1 and one.counters["thing"] == 3
