@@ -15,7 +15,7 @@ class ConfigError(ValueError):
     """A configuration value a user must change; the message names the key and the fix."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
@@ -46,13 +46,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "num_layers", "num_attention_heads", "vocab_size", "vocab_pad_multiple"):
-            _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
-        _require(
+            require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        require(
             self.hidden_size % self.num_attention_heads == 0,
             f"model.num_attention_heads={self.num_attention_heads} does not divide "
             f"model.hidden_size={self.hidden_size}; pick a head count that divides the hidden size",
         )
-        _require(
+        require(
             self.init_std is None or self.init_std > 0,
             f"model.init_std must be positive or null, got {self.init_std}",
         )
@@ -89,19 +89,19 @@ class OptimizerConfig:
     """Max global gradient norm; 0 disables clipping."""
 
     def __post_init__(self) -> None:
-        _require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
-        _require(
+        require(self.lr > 0, f"optimizer.lr must be positive, got {self.lr}")
+        require(
             0 <= self.min_lr <= self.lr,
             f"optimizer.min_lr={self.min_lr} must lie in [0, optimizer.lr={self.lr}]",
         )
-        _require(self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
-        _require(
+        require(self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+        require(
             self.decay_style in LR_DECAY_STYLES,
             f"optimizer.decay_style={self.decay_style!r} is not one of {', '.join(LR_DECAY_STYLES)}",
         )
-        _require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must lie in [0, 1)")
-        _require(self.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
+        require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must lie in [0, 1)")
+        require(self.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -124,13 +124,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_length"):
-            _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
-        _require(self.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0 = no budget)")
-        _require(
+            require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
+        require(self.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0 = no budget)")
+        require(
             self.precision in PRECISIONS,
             f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}",
         )
-        _require(self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
+        require(self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
 
 
 @dataclass
@@ -153,13 +153,13 @@ class ParallelConfig:
     sequence parallelism); saves activation memory when parallel.tensor > 1, no effect otherwise."""
 
     def __post_init__(self) -> None:
-        _require(self.tensor >= 1, f"parallel.tensor must be >= 1, got {self.tensor}")
-        _require(self.pipeline >= 1, f"parallel.pipeline must be >= 1, got {self.pipeline}")
-        _require(
+        require(self.tensor >= 1, f"parallel.tensor must be >= 1, got {self.tensor}")
+        require(self.pipeline >= 1, f"parallel.pipeline must be >= 1, got {self.pipeline}")
+        require(
             self.data == "auto" or (str(self.data).isdigit() and int(self.data) >= 1),
             f"parallel.data must be 'auto' or a positive integer, got {self.data!r}",
         )
-        _require(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {self.zero_stage}")
+        require(self.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0-3, got {self.zero_stage}")
 
 
 @dataclass
@@ -172,7 +172,7 @@ class DataConfig:
     """DataLoader worker processes per rank."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, "data.num_workers must be >= 0")
+        require(self.num_workers >= 0, "data.num_workers must be >= 0")
 
 
 @dataclass
@@ -188,10 +188,10 @@ class CheckpointConfig:
     run.dir already has checkpoints); or a path to a checkpoint / run directory to start from."""
 
     def __post_init__(self) -> None:
-        _require(self.interval >= 0, "checkpoint.interval must be >= 0 (0 saves only at the end)")
-        _require(self.keep >= 0, "checkpoint.keep must be >= 0 (0 keeps all)")
-        _require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = none)")
-        _require(str(self.resume) != "", "checkpoint.resume must be auto, false or a path")
+        require(self.interval >= 0, "checkpoint.interval must be >= 0 (0 saves only at the end)")
+        require(self.keep >= 0, "checkpoint.keep must be >= 0 (0 keeps all)")
+        require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = none)")
+        require(str(self.resume) != "", "checkpoint.resume must be auto, false or a path")
 
 
 @dataclass
@@ -202,7 +202,7 @@ class WandbConfig:
     entity: str | None = None
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.mode in WANDB_MODES,
             f"logging.wandb.mode={self.mode!r} is not one of {', '.join(WANDB_MODES)}",
         )
@@ -215,7 +215,7 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        _require(self.interval >= 1, "logging.interval must be >= 1")
+        require(self.interval >= 1, "logging.interval must be >= 1")
 
 
 @dataclass
@@ -237,8 +237,8 @@ class LaunchConfig:
     """After SIGTERM/SIGUSR1, how long torchrun lets the ranks finish their step and save before killing them."""
 
     def __post_init__(self) -> None:
-        _require(self.processes is None or self.processes >= 1, "launch.processes must be >= 1 or null")
-        _require(self.stop_grace_seconds >= 1, "launch.stop_grace_seconds must be >= 1")
+        require(self.processes is None or self.processes >= 1, "launch.processes must be >= 1 or null")
+        require(self.stop_grace_seconds >= 1, "launch.stop_grace_seconds must be >= 1")
 
 
 @dataclass
@@ -258,16 +258,16 @@ class BloomTrainConfig:
     """local (torchrun on this machine); SLURM submission is not available yet."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.train.global_batch_size % self.train.micro_batch_size == 0,
             f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={self.train.micro_batch_size}; make it one",
         )
-        _require(self.launcher == "local",
+        require(self.launcher == "local",
                  f"launcher={self.launcher!r}: only launcher=local (torchrun on this machine) is available; "
                  "on a SLURM cluster run one torchrun per node inside your allocation (docs/parallelism.md)")
         decay_steps = self.optimizer.decay_steps or self.train.max_steps
-        _require(
+        require(
             self.optimizer.warmup_steps < decay_steps,
             f"optimizer.warmup_steps={self.optimizer.warmup_steps} must be smaller than the decay "
             f"length ({decay_steps}); lower it or raise train.max_steps / optimizer.decay_steps",

@@ -70,11 +70,18 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model
     return model_path
 
 
+def token_dtype(vocab_size: int) -> type:
+    """uint16 while ids fit (Megatron's choice below 65,500), int32 beyond (BLOOM's 250,680)."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
 def write_token_files(documents_by_lang: dict[str, list[str]], tokenizer_path: Path, out_dir: Path,
-                      eos_id: int) -> dict[str, int]:
-    """One Megatron .bin/.idx pair per language; returns the token count of each."""
+                      eos_id: int | None = None) -> dict[str, int]:
+    """One Megatron .bin/.idx pair per language, EOS (the tokenizer's unless given) after each document;
+    returns the token count of each language."""
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    dtype = np.uint16 if processor.get_piece_size() < 65500 else np.int32
+    eos_id = processor.eos_id() if eos_id is None else eos_id
+    dtype = token_dtype(processor.get_piece_size())
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for lang, texts in sorted(documents_by_lang.items()):

@@ -24,7 +24,7 @@ from bloomtrain.checkpoint.store import (
     write_meta,
 )
 from bloomtrain.config import ModelConfig
-from bloomtrain.parallel.names import plain_name_of_layer, shard_dim
+from bloomtrain.parallel.names import plain_name, plain_name_of_layer, shard_dim
 
 MODEL_STATES = "mp_rank_{tensor:02d}_model_states.pt"
 LAYER_STATES = "layer_{index:02d}-model_{tensor:02d}-model_states.pt"
@@ -80,8 +80,6 @@ def write_model_only_checkpoint(checkpoints_dir: Path, model: torch.nn.Module, m
 def copy_plain_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], num_layers: int) -> None:
     """Copy full plain-named weights into this rank's (tensor-sharded, pipeline-staged) module."""
     from megatron.core import parallel_state
-
-    from bloomtrain.parallel.names import plain_name
 
     rank = parallel_state.get_tensor_model_parallel_rank()
     size = parallel_state.get_tensor_model_parallel_world_size()

@@ -9,13 +9,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from bloomtrain.config import ConfigError
+from bloomtrain.config import require
 from bloomtrain.config_loader import compose_config, to_validated
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass
@@ -50,8 +45,8 @@ class ExecutorConfig:
     mem_gb: int = 4
 
     def __post_init__(self) -> None:
-        _require(self.name in ("local", "slurm"), f"executor={self.name!r} is not local or slurm")
-        _require(self.workers >= 1, "executor.workers must be >= 1")
+        require(self.name in ("local", "slurm"), f"executor={self.name!r} is not local or slurm")
+        require(self.workers >= 1, "executor.workers must be >= 1")
 
 
 @dataclass
@@ -83,10 +78,16 @@ class DedupConfig:
     threshold: float = 0.8
     verify_threshold: float | None = None
 
+    def minhash_parameters(self):
+        from data_tools.minhash import MinHashParameters
+
+        return MinHashParameters(num_perm=self.num_perm, bands=self.bands, rows=self.rows, ngram=self.ngram,
+                                 threshold=self.threshold, verify_threshold=self.verify_threshold)
+
     def __post_init__(self) -> None:
-        _require(self.bands * self.rows <= self.num_perm,
+        require(self.bands * self.rows <= self.num_perm,
                  f"dedup.bands x dedup.rows = {self.bands * self.rows} exceeds dedup.num_perm={self.num_perm}")
-        _require(0 < self.threshold <= 1, "dedup.threshold must lie in (0, 1]")
+        require(0 < self.threshold <= 1, "dedup.threshold must lie in (0, 1]")
 
 
 @dataclass
@@ -103,8 +104,8 @@ class TokenizerConfig:
     """Size of the training sample."""
 
     def __post_init__(self) -> None:
-        _require(self.model_type in ("bpe", "unigram"), f"tokenizer.model_type={self.model_type!r} is not bpe/unigram")
-        _require(self.vocab_size >= 256, "tokenizer.vocab_size must be >= 256")
+        require(self.model_type in ("bpe", "unigram"), f"tokenizer.model_type={self.model_type!r} is not bpe/unigram")
+        require(self.vocab_size >= 256, "tokenizer.vocab_size must be >= 256")
 
 
 @dataclass
@@ -127,9 +128,9 @@ class PipelineConfig:
     blend: BlendConfig = field(default_factory=BlendConfig)
 
     def __post_init__(self) -> None:
-        _require(bool(self.input.paths), "input.paths is empty; give the files to process, e.g. "
+        require(bool(self.input.paths), "input.paths is empty; give the files to process, e.g. "
                                          "input.paths='[data/*.jsonl.gz]'")
-        _require(bool(self.output.dir), "output.dir is not set; name the folder the pipeline writes into")
+        require(bool(self.output.dir), "output.dir is not set; name the folder the pipeline writes into")
 
 
 PIPELINE_CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "pipeline"

@@ -71,7 +71,7 @@ def _read_jsonl(path: Path):
 
 def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     """Returns the input bytes processed (for progress)."""
-    from data_tools.minhash import MinHasher, MinHashParameters
+    from data_tools.minhash import MinHasher
     from data_tools.steps.dedup_exact import dedup_key
     from data_tools.steps.langid import LanguageId
     from data_tools.steps.normalize import Normalize
@@ -101,8 +101,7 @@ def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     _save_json(out / f"{_shard(task)}.stats.json", [s.stats.to_json() for s in (reader, *steps)])
     _save_npy(out / f"{_shard(task)}.exact.npy", np.array([dedup_key(d.text) for d in kept], dtype=np.uint64))
     if config.dedup.near:
-        hasher = MinHasher(MinHashParameters(num_perm=config.dedup.num_perm, bands=config.dedup.bands,
-                                             rows=config.dedup.rows, ngram=config.dedup.ngram))
+        hasher = MinHasher(config.dedup.minhash_parameters())
         _save_npy(out / f"{_shard(task)}.signatures.npy",
                   hasher.signatures([d.text for d in kept], [d.language for d in kept]))
     return inputs[task].stat().st_size
@@ -112,7 +111,7 @@ def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
 
 def dedup(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     """Decide, over all files at once, which documents go; one boolean mask per file."""
-    from data_tools.minhash import MinHashParameters, duplicate_clusters
+    from data_tools.minhash import duplicate_clusters
 
     out = work_dir(config)
     keys = [np.load(out / "clean" / f"{_shard(i)}.exact.npy") for i in range(len(inputs))]
@@ -128,10 +127,7 @@ def dedup(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
         signatures = np.concatenate([np.load(out / "clean" / f"{_shard(i)}.signatures.npy")
                                      for i in range(len(inputs))])
         survivors = np.flatnonzero(reason == 0)
-        parameters = MinHashParameters(num_perm=config.dedup.num_perm, bands=config.dedup.bands,
-                                       rows=config.dedup.rows, threshold=config.dedup.threshold,
-                                       verify_threshold=config.dedup.verify_threshold)
-        roots = duplicate_clusters(signatures[survivors], parameters)
+        roots = duplicate_clusters(signatures[survivors], config.dedup.minhash_parameters())
         reason[survivors[roots != np.arange(survivors.size)]] = 2
     offsets = np.cumsum([0, *sizes])
     for i in range(len(inputs)):
@@ -214,37 +210,19 @@ def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
 # ------------------------------------------------------------------------------------- tokenize, merge
 
 def tokenize(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
-    import sentencepiece as spm
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from data_tools.sample import write_token_files
 
-    processor = spm.SentencePieceProcessor(model_file=str(Path(config.output.dir) / "tokenizer" / "tokenizer.model"))
-    dtype = token_dtype(processor.get_piece_size())
     by_language: dict[str, list[str]] = defaultdict(list)
     for record in _read_jsonl(Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"):
         by_language[record["lang"]].append(record["text"])
     out = work_dir(config) / "tokens" / _shard(task)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    counts = {}
-    for language, texts in sorted(by_language.items()):
-        builder = IndexedDatasetBuilder(str(staging / f"{language}.bin"), dtype=dtype)
-        total = 0
-        for ids in processor.encode(texts):
-            ids.append(processor.eos_id())
-            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-            total += len(ids)
-        builder.finalize(str(staging / f"{language}.idx"))
-        counts[language] = total
+    counts = write_token_files(by_language, Path(config.output.dir) / "tokenizer" / "tokenizer.model", staging)
     (staging / "counts.json").write_text(json.dumps(counts))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     return 0
-
-
-def token_dtype(vocab_size: int) -> type:
-    """uint16 while ids fit (Megatron's choice below 65,500), int32 beyond (BLOOM's 250,680)."""
-    return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def merge(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
@@ -252,6 +230,7 @@ def merge(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
+    from data_tools.sample import token_dtype
 
     root = Path(config.output.dir)
     processor = spm.SentencePieceProcessor(model_file=str(root / "tokenizer" / "tokenizer.model"))

@@ -81,7 +81,7 @@ class DocumentReader:
                 self.stats.record_out(document)
                 yield document
 
-    def _jsonl_records(self, path: Path) -> Iterator[tuple[int, dict | str]]:
+    def _jsonl_records(self, path: Path) -> Iterator[tuple[int, dict]]:
         with _open_binary(path) as handle:
             for number, raw in enumerate(handle, start=1):
                 if not raw.strip():
@@ -101,16 +101,19 @@ class DocumentReader:
                     continue
                 yield number, record
 
-    def _text_records(self, path: Path) -> Iterator[tuple[int, dict | str]]:
+    def _text_records(self, path: Path) -> Iterator[tuple[int, dict]]:
         # A plain-text file is one document; read in one pass but capped at max_bytes + 1.
         with _open_binary(path) as handle:
             raw = handle.read(self.max_bytes + 1)
+        if len(raw) > self.max_bytes:
+            self.stats.record_drop("oversized")
+            return
         try:
-            yield 1, {self.text_field: raw.decode("utf-8")} if len(raw) <= self.max_bytes else _OVERSIZED
+            yield 1, {self.text_field: raw.decode("utf-8")}
         except UnicodeDecodeError:
             self.stats.record_drop("invalid_utf8")
 
-    def _parquet_records(self, path: Path) -> Iterator[tuple[int, dict | str]]:
+    def _parquet_records(self, path: Path) -> Iterator[tuple[int, dict]]:
         import pyarrow.parquet as pq
 
         row = 0
@@ -119,10 +122,7 @@ class DocumentReader:
                 row += 1
                 yield row, record
 
-    def _document(self, path: Path, position: int, record: dict | str) -> Document | None:
-        if record is _OVERSIZED:
-            self.stats.record_drop("oversized")
-            return None
+    def _document(self, path: Path, position: int, record: dict) -> Document | None:
         if self.text_field not in record or record[self.text_field] is None:
             self.stats.record_drop("missing_text")
             return None
@@ -146,5 +146,3 @@ class DocumentReader:
         lang = record.get(self.lang_field) if self.lang_field else None
         return Document(document_id, text, lang=lang if isinstance(lang, str) and lang else None)
 
-
-_OVERSIZED = "oversized"
