@@ -65,11 +65,13 @@ def main() -> None:
     from bloomtrain.checkpoint.manager import CheckpointManager
     from bloomtrain.checkpoint.store import TrainingProgress, read_meta
     from bloomtrain.config_loader import load_config
+    from bloomtrain.data.blend import read_blend
     from bloomtrain.distributed import init_distributed, shutdown_distributed
     from bloomtrain.parallel.cpu import apply_cpu_accommodations
     from bloomtrain.parallel.engine import TrainingEngine
     from bloomtrain.parallel.groups import init_parallel_groups
     from bloomtrain.parallel.layout import resolve_layout
+    from data_tools.sample import prepare_sample
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bloomtrain-ckpt-bench-"))
     config = load_config(["experiment=quickstart", f"run.dir={root / 'run'}", f"model.hidden_size={args.hidden}",
@@ -80,8 +82,9 @@ def main() -> None:
     context = init_distributed("cpu")
     init_parallel_groups(layout)
     engine = TrainingEngine(config.model, config.train, config.optimizer, layout, context.device)
+    tokenizer = read_blend(prepare_sample(config.data.cache_dir)).tokenizer
     manager = CheckpointManager(config, {"tensor": 1, "pipeline": 1, "data": 1, "zero_stage": 1},
-                                engine.padded_vocab_size)
+                                engine.padded_vocab_size, tokenizer)
     parameters = sum(p.numel() for p in engine.module.parameters())
     # One optimizer step so Adam's moments exist and the checkpoint has its full size.
     train = config.train

@@ -1,6 +1,11 @@
-"""Near-duplicate detection: bloomtrain's MinHash LSH vs ``datasketch``, side by side in one run.
+"""The data pipeline, measured side by side in one run: near dedup vs ``datasketch``, tokenisation with
+two workers vs a plain sentencepiece loop, and the whole pipeline's throughput and peak memory.
 
-    .venv/bin/python benchmarks/data_pipeline.py [--megabytes 50]
+    .venv/bin/python benchmarks/data_pipeline.py [--megabytes 50] [--prose-megabytes 20]
+                                                 [--parts near_dedup,tokenize,pipeline]
+
+Near dedup (``near_dedup``)
+---------------------------
 
 The corpus is generated here (no download): documents of random words from four alphabets (Latin,
 Cyrillic, Arabic, Devanagari) and random Chinese characters (shingled by characters), 300-3000 bytes
@@ -15,13 +20,30 @@ shingles (character 5-grams for Chinese), 128 permutations, Jaccard threshold 0.
 Each contender first runs once on 200 documents (imports, lookup tables), then is timed on all of
 them. Printed: MB/s end to end (shingling included), recall on the planted pairs, and documents removed
 that were not planted copies (false removals).
+
+Whole pipeline (``pipeline``) and tokenisation (``tokenize``)
+-------------------------------------------------------------
+A prose corpus built from the bundled UDHR sample (16 languages; each document 3-8 random articles of
+one language, so language id and quality filters see real text) in 8 JSON Lines files. The pipeline
+runs as a user runs it (``python -m data_tools.pipeline ... executor.workers=2``) while the RSS of its
+whole process tree is sampled every 50 ms: printed are MB/s of raw input and the peak of the tree's
+summed RSS. Then, on that run's cleaned text and tokenizer, the tokenize + merge stages are rerun
+with two workers and compared with a plain loop in one process (``SentencePieceProcessor.encode`` per
+document into megatron-core's ``IndexedDatasetBuilder``, one file pair per language); the token files
+of both must be byte-identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -114,11 +136,8 @@ def score(keep: np.ndarray, pairs: list[tuple[int, int]]) -> tuple[float, int]:
     return recall, false_removals
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--megabytes", type=float, default=50)
-    args = parser.parse_args()
-    texts, languages, pairs = make_corpus(args.megabytes)
+def near_dedup(megabytes: float) -> None:
+    texts, languages, pairs = make_corpus(megabytes)
     total = sum(len(t.encode()) for t in texts) / 1e6
     print(f"corpus: {len(texts)} documents, {total:.1f} MB, {len(pairs)} planted near-duplicates (Jaccard >= 0.8)")
     results = {}
@@ -132,6 +151,131 @@ def main() -> None:
         print(f"{name:12} {elapsed:8.2f} s {total / elapsed:8.2f} MB/s   recall {recall:.3f}   "
               f"false removals {false_removals}")
     print(f"throughput ratio bloomtrain / datasketch: {results['bloomtrain'] / results['datasketch']:.1f}x")
+
+
+# ------------------------------------------------------------------------------- prose corpus, pipeline
+
+def make_prose_corpus(folder: Path, megabytes: float, files: int = 8, seed: int = 0) -> list[Path]:
+    from data_tools.sample import SAMPLE_CORPUS
+
+    rng = random.Random(seed)
+    articles: dict[str, list[str]] = {}
+    for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines():
+        document = json.loads(line)
+        articles.setdefault(document["lang"], []).append(document["text"])
+    folder.mkdir(parents=True, exist_ok=True)
+    handles = [open(folder / f"part-{i}.jsonl", "w", encoding="utf-8") for i in range(files)]
+    size, index = 0, 0
+    while size < megabytes * 1e6:
+        language = rng.choice(sorted(articles))
+        text = "\n\n".join(rng.sample(articles[language], rng.randint(3, 8)))
+        handles[index % files].write(json.dumps({"id": f"doc-{index}", "text": text}, ensure_ascii=False) + "\n")
+        size += len(text.encode("utf-8"))
+        index += 1
+    for handle in handles:
+        handle.close()
+    return sorted(folder.glob("part-*.jsonl"))
+
+
+def run_with_peak_memory(command: list[str]) -> tuple[float, float]:
+    """Run ``command``; returns (seconds, peak summed RSS of its process tree in MB)."""
+    import psutil
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root, peak = psutil.Process(process.pid), 0
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    if process.returncode:
+        raise SystemExit(f"pipeline failed:\n{process.stderr.read()[-3000:]}")
+    return elapsed, peak / 1e6
+
+
+def pipeline_and_tokenize(megabytes: float, parts: set[str]) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bloomtrain-data-bench-"))
+    inputs = make_prose_corpus(root / "raw", megabytes)
+    raw_mb = sum(p.stat().st_size for p in inputs) / 1e6
+    out = root / "out"
+    overrides = [f"input.paths=[{root / 'raw'}/part-*.jsonl]", f"output.dir={out}", "executor.workers=2",
+                 "tokenizer.vocab_size=8000"]
+    elapsed, peak_mb = run_with_peak_memory([sys.executable, "-m", "data_tools.pipeline", *overrides])
+    report = json.loads((out / "report" / "report.json").read_text())
+    print(f"prose corpus: {len(inputs)} files, {raw_mb:.1f} MB")
+    if "pipeline" in parts:
+        print(f"whole pipeline, 2 workers: {elapsed:.1f} s, {raw_mb / elapsed:.2f} MB/s of raw input, "
+              f"peak RSS of all processes {peak_mb:.0f} MB")
+        steps = report["steps"]
+        documents_in = sum(c["documents"] for c in steps[0]["in"].values())
+        documents_out = sum(c["documents"] for c in steps[-1]["out"].values())
+        print(f"  {documents_in:,} documents in, {documents_out:,} kept, {sum(report['tokens'].values()):,} tokens "
+              f"in {len(report['tokens'])} languages")
+    if "tokenize" in parts:
+        tokenize_side_by_side(out, overrides)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def tokenize_side_by_side(out: Path, overrides: list[str]) -> None:
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from data_tools.pipeline.config import load_pipeline_config
+    from data_tools.pipeline.run import run_pipeline
+    from data_tools.pipeline.stages import marker
+    from data_tools.sample import token_dtype
+
+    cleaned = sorted((out / "cleaned").glob("*.jsonl"))
+    cleaned_mb = sum(p.stat().st_size for p in cleaned) / 1e6
+    processor = spm.SentencePieceProcessor(model_file=str(out / "tokenizer" / "tokenizer.model"))
+    dtype = token_dtype(processor.get_piece_size())
+    plain = out / "plain-tokens"
+    plain.mkdir()
+    started = time.perf_counter()
+    builders: dict[str, IndexedDatasetBuilder] = {}
+    for path in cleaned:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                if record["lang"] not in builders:
+                    builders[record["lang"]] = IndexedDatasetBuilder(str(plain / f"{record['lang']}.bin"), dtype=dtype)
+                ids = processor.encode(record["text"])
+                ids.append(processor.eos_id())
+                builders[record["lang"]].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+    for language, builder in builders.items():
+        builder.finalize(str(plain / f"{language}.idx"))
+    plain_seconds = time.perf_counter() - started
+
+    config = load_pipeline_config(overrides)
+    for stage in ("tokenize", "merge"):
+        for task in range(len(cleaned)):
+            marker(config, stage, task).unlink(missing_ok=True)
+    started = time.perf_counter()
+    run_pipeline(config, show_progress=False)
+    ours_seconds = time.perf_counter() - started
+    identical = all((plain / f"{language}.{suffix}").read_bytes() == (out / "tokens" / f"{language}.{suffix}")
+                    .read_bytes() for language in builders for suffix in ("bin", "idx"))
+    print(f"tokenisation of {cleaned_mb:.1f} MB cleaned text into {len(builders)} languages:")
+    print(f"  plain sentencepiece loop, 1 process   {plain_seconds:7.2f} s {cleaned_mb / plain_seconds:7.2f} MB/s")
+    print(f"  pipeline tokenize + merge, 2 workers  {ours_seconds:7.2f} s {cleaned_mb / ours_seconds:7.2f} MB/s")
+    print(f"  speed-up {plain_seconds / ours_seconds:.2f}x; token files identical: {identical}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megabytes", type=float, default=50, help="near-dedup corpus size")
+    parser.add_argument("--prose-megabytes", type=float, default=20, help="pipeline/tokenize corpus size")
+    parser.add_argument("--parts", default="near_dedup,tokenize,pipeline")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if "near_dedup" in parts:
+        near_dedup(args.megabytes)
+    if parts & {"tokenize", "pipeline"}:
+        pipeline_and_tokenize(args.prose_megabytes, parts)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@
 Our parameter names are Hugging Face's without the ``transformer.`` prefix, so the mapping is a
 rename plus the vocabulary padding: bloomtrain pads the embedding to a multiple of 128, Hugging Face
 stores ``vocab_size`` rows. ``transformers`` itself is not needed to convert.
+
+The tokenizer travels with the weights: ``from-hf`` copies the model folder's ``tokenizer.json``
+(with its config) into the checkpoint, where it pins the tokenization the run's data must use;
+``to-hf`` writes the checkpoint's tokenizer beside the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bloomtrain.checkpoint import read_meta, read_model_weights, resolve_checkpoint, write_model_only_checkpoint
+from bloomtrain.checkpoint.store import TOKENIZER_DIR
 from bloomtrain.config import ModelConfig
+from bloomtrain.data.tokenizer import TokenEncoder, find_tokenizer, install_tokenizer
 from bloomtrain.model import Bloom, build_model
 
 HF_PREFIX = "transformer."
@@ -93,7 +99,12 @@ def from_hf(path_or_hf_model: str | Path | torch.nn.Module) -> Bloom:
 
 
 def to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir`` (config.json + model.safetensors) that ``BloomForCausalLM.from_pretrained`` loads."""
+    """Write ``out_dir`` (config.json + model.safetensors, and the run's tokenizer) that
+    ``BloomForCausalLM.from_pretrained`` loads.
+
+    A Hugging Face tokenizer is written as ``tokenizer.json`` + ``tokenizer_config.json`` for
+    ``AutoTokenizer``; a sentencepiece one as ``tokenizer.model``, for the ``sentencepiece`` library.
+    """
     checkpoint = resolve_checkpoint(checkpoint_dir)
     config = read_meta(checkpoint).model
     weights = read_model_weights(checkpoint)
@@ -102,14 +113,25 @@ def to_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     hf_state = {HF_PREFIX + name: tensor for name, tensor in weights.items()}
     hf_state[HF_PREFIX + EMBEDDING] = hf_state[HF_PREFIX + EMBEDDING][: config.vocab_size].contiguous()
     save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_from_model_config(config), indent=2))
+    eos_token_id = 2  # BLOOM's
+    if (checkpoint / TOKENIZER_DIR).is_dir():
+        install_tokenizer(checkpoint / TOKENIZER_DIR, out)
+        eos_token_id = TokenEncoder(out).eos_id
+    (out / "config.json").write_text(json.dumps(hf_config_from_model_config(config, eos_token_id), indent=2))
     return out
 
 
 def from_hf_to_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a weights-only bloomtrain checkpoint (step 0) holding a Hugging Face BLOOM's weights."""
+    """Write a weights-only bloomtrain checkpoint (step 0) holding a Hugging Face BLOOM's weights and,
+    when the folder has one, its tokenizer."""
     model = from_hf(hf_dir)
-    return write_model_only_checkpoint(Path(out_dir), model, model.config)
+    try:
+        tokenizer = find_tokenizer(hf_dir)
+    except ValueError:
+        tokenizer = None
+        print(f"bloomtrain.convert: {hf_dir} has no tokenizer.json; the checkpoint cannot check that the "
+              "training data uses the model's tokenizer", file=sys.stderr)
+    return write_model_only_checkpoint(Path(out_dir), model, model.config, tokenizer)
 
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

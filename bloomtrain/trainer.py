@@ -64,7 +64,8 @@ class Trainer:
         self.progress = TrainingProgress()
         self.checkpoints = CheckpointManager(config, {
             "tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
-            "zero_stage": layout.zero_stage}, config.model.padded_vocab_size(layout.tensor))
+            "zero_stage": layout.zero_stage}, config.model.padded_vocab_size(layout.tensor),
+            self.blend.tokenizer)
         checkpoint = self.checkpoints.resume_point()
         meta = self.checkpoints.check_compatible(checkpoint) if checkpoint is not None else None
         universal = meta is not None and self.checkpoints.needs_universal(meta)

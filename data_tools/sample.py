@@ -29,6 +29,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from megatron.core.tokenizers import MegatronTokenizer
 
 from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
+from bloomtrain.data.tokenizer import TokenEncoder
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent / "samples" / "udhr_sample.jsonl"
 SAMPLE_VOCAB_SIZE = 4096  # bloom-tiny's vocab_size
@@ -78,16 +79,17 @@ def token_dtype(vocab_size: int) -> type:
 def write_token_files(documents_by_lang: dict[str, list[str]], tokenizer_path: Path, out_dir: Path,
                       eos_id: int | None = None) -> dict[str, int]:
     """One Megatron .bin/.idx pair per language, EOS (the tokenizer's unless given) after each document;
-    returns the token count of each language."""
-    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    eos_id = processor.eos_id() if eos_id is None else eos_id
-    dtype = token_dtype(processor.get_piece_size())
+    ``tokenizer_path`` is a sentencepiece model or a Hugging Face tokenizer. Returns each language's
+    token count."""
+    encoder = TokenEncoder(tokenizer_path)
+    eos_id = encoder.eos_id if eos_id is None else eos_id
+    dtype = token_dtype(encoder.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for lang, texts in sorted(documents_by_lang.items()):
         builder = IndexedDatasetBuilder(str(out_dir / f"{lang}.bin"), dtype=dtype)
         total = 0
-        for ids in processor.encode(texts):
+        for ids in encoder.encode(texts):
             ids.append(eos_id)
             builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
             total += len(ids)

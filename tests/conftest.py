@@ -58,3 +58,20 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def save_byte_level_bpe(texts: list[str], vocab_size: int, out_dir: Path, **special_tokens: str) -> Path:
+    """A tiny BLOOM-style tokenizer (byte-level BPE, BLOOM's special tokens at ids 0-3) trained on
+    ``texts`` with Hugging Face ``tokenizers`` and saved as a model folder would hold it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    names = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", **special_tokens}
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(out_dir)
+    return out_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -264,3 +265,82 @@ def test_training_starts_from_hugging_face_weights_under_any_layout(tmp_path, sa
     assert _losses(single)[1] < _losses(fresh)[1] - 0.1  # the trained weights, not a fresh init
     for step in (1, 2):
         assert _losses(tensor)[step] == pytest.approx(_losses(single)[step], rel=1e-5)
+
+
+def test_continued_pretraining_of_a_hugging_face_bloom_on_its_own_tokenizer(tmp_path):
+    """A Hugging Face BLOOM folder (weights + byte-level BPE tokenizer.json) -> the pipeline tokenizes with
+    that tokenizer -> from-hf -> training starts from the weights: its first loss is what transformers
+    computes on the same batch; data tokenized otherwise is refused; to-hf gives the tokenizer back."""
+    transformers = pytest.importorskip("transformers")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    from bloomtrain.convert import from_hf_to_checkpoint, to_hf
+    from bloomtrain.data.blend import read_blend
+    from bloomtrain.data.loader import build_train_dataset
+    from bloomtrain.data.tokenizer import tokenizer_fingerprint
+    from data_tools.sample import SAMPLE_CORPUS
+    from tests.conftest import save_byte_level_bpe
+
+    documents = [json.loads(line) for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[::4]]
+    hf_dir = save_byte_level_bpe([d["text"] for d in documents], 512, tmp_path / "hf-bloom")
+    torch.manual_seed(0)
+    hf_config = transformers.BloomConfig(vocab_size=512, hidden_size=64, n_layer=2, n_head=4)
+    transformers.BloomForCausalLM(hf_config).save_pretrained(hf_dir)
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"id": f"d{i}", "text": d["text"]}, ensure_ascii=False) + "\n"
+                           for i, d in enumerate(documents)), encoding="utf-8")
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "data_tools.pipeline", f"input.paths=[{raw}]", f"output.dir={data}",
+                    "quality.enabled=false", f"tokenizer.existing={hf_dir}"], cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+    blend = read_blend(data / "blend.json")
+    assert Path(blend.tokenizer) == data / "tokenizer"
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(data / "tokenizer")
+    cleaned = [json.loads(line) for path in sorted((data / "cleaned").glob("*.jsonl"))
+               for line in path.read_text(encoding="utf-8").splitlines()]
+    english = [d["text"] for d in cleaned if d["lang"] == "en"]
+    tokens = IndexedDataset(str(data / "tokens" / "en"))
+    assert len(tokens) == len(english) > 0
+    for i, text in enumerate(english):
+        assert hf_tokenizer.decode(tokens[i].tolist()) == text + "</s>"
+
+    start = from_hf_to_checkpoint(hf_dir, tmp_path / "from_hf")
+    fingerprint = tokenizer_fingerprint(hf_dir)
+    assert store.read_meta(start).tokenizer == fingerprint == tokenizer_fingerprint(data / "tokenizer")
+    model = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4", "model.vocab_size=512"]
+    common = ["experiment=quickstart", *model, "train.max_steps=2", "train.seq_length=64", "optimizer.warmup_steps=1",
+              "logging.wandb.mode=disabled", f"checkpoint.resume={start}"]
+    run_dir = tmp_path / "run"
+    run_train([*common, f"run.dir={run_dir}", f"data.blend={data / 'blend.json'}"])
+
+    # The batch the trainer saw at step 1, rebuilt from megatron-core's dataset the run indexed.
+    dataset = build_train_dataset(blend, MegatronTokenizer.from_pretrained(blend.tokenizer), 64, 2 * 16, 1234,
+                                  run_dir / "data_index")
+    samples = [dataset[i] for i in range(16)]
+    inputs = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples])
+    hf_model = transformers.BloomForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        logits = hf_model(inputs).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+    assert _losses(run_dir)[1] == pytest.approx(want, rel=1e-5)
+
+    # Data tokenized with anything else is refused before training, with the way out.
+    other = data / "other-tokenizer"
+    shutil.copytree(data / "tokenizer", other)
+    content = json.loads((other / "tokenizer.json").read_text())
+    content["model"]["merges"] = content["model"]["merges"][:-1]
+    (other / "tokenizer.json").write_text(json.dumps(content))
+    payload = json.loads((data / "blend.json").read_text())
+    (data / "other-blend.json").write_text(json.dumps({**payload, "tokenizer": "other-tokenizer"}))
+    refused = run_train([*common, f"run.dir={tmp_path / 'refused'}", f"data.blend={data / 'other-blend.json'}"],
+                        check=False)
+    assert refused.returncode != 0
+    assert "another tokenizer" in refused.stderr and f"tokenizer.existing={start / 'tokenizer'}" in refused.stderr
+
+    exported = to_hf(run_dir, tmp_path / "exported")
+    round_trip = transformers.AutoTokenizer.from_pretrained(exported)
+    assert round_trip(english[0])["input_ids"] == hf_tokenizer(english[0])["input_ids"]
+    assert store.read_meta(run_dir / "checkpoints" / "step_2").tokenizer == fingerprint

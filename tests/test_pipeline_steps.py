@@ -14,6 +14,7 @@ from data_tools.steps.normalize import Normalize, normalize_text
 from data_tools.steps.pii import RedactPII, redact
 from data_tools.steps.quality import QualityFilter, character_repetition_ratio, word_repetition_ratio, words_of
 from data_tools.steps.read import DocumentReader, InputError, expand_inputs
+from data_tools.steps.word_lists import WordList
 
 ENGLISH = ("The committee met on Tuesday to discuss the new library, which will open next spring near the old "
            "market square. Residents asked whether the building would have longer opening hours and more seats "
@@ -141,6 +142,100 @@ def test_quality_thresholds_are_roots_per_language_and_overridable():
     assert step.parameters_for("en").min_words == 20 and step.parameters_for("zh").char_repetition_length == 3
     assert step.parameters_for("fr").min_words == 2 and step.parameters_for("fr").word_repetition_max == 0.13
     assert step.parameters_for("sw") == step.parameters_for("default")
+
+
+def test_word_lists_match_phrases_longest_first_and_characters_without_spaces():
+    words = WordList(["of", "bởi vì", "in spite of", "spite"], by_character=False)
+    assert words.share("bởi vì anh".split()) == pytest.approx(2 / 3)
+    assert words.share("in spite of it".split()) == pytest.approx(3 / 4)  # one phrase, not "spite" + "of"
+    assert words.share("spite in".split()) == pytest.approx(1 / 2)
+    assert words.share([]) == 0.0
+    characters = WordList(["我们", "的"], by_character=True)
+    assert characters.share(list("我们的书我")) == pytest.approx(3 / 5)  # a lone 我 is not 我们
+    # Entries are compared in NFC and lower case, as the documents' words are.
+    assert WordList(["E\u0301TAT"], by_character=False).share(["\u00e9tat"]) == 1.0
+
+
+def test_packaged_word_lists_pass_real_prose_and_catch_planted_text():
+    from data_tools.sample import SAMPLE_CORPUS
+    from data_tools.steps.quality import NO_SPACE_LANGUAGES, ROOTS_PARAMETERS
+    from data_tools.steps.word_lists import load_word_lists
+
+    stopwords = load_word_lists("stopwords", None, True, NO_SPACE_LANGUAGES)
+    flagged = load_word_lists("flagged", None, True, NO_SPACE_LANGUAGES)
+    assert {"ar", "ca", "en", "es", "eu", "fr", "hi", "id", "pt", "ur", "vi", "zh", "bn", "sw", "yo"} <= set(stopwords)
+    assert {"ar", "en", "es", "fr", "hi", "id", "pt", "ur", "zh"} <= set(flagged)
+    checked = passed = 0
+    for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines():
+        document = json.loads(line)
+        language = document["lang"]
+        if language in stopwords:
+            words = [w.lower() for w in words_of(normalize_text(document["text"]), language)]
+            checked += 1
+            passed += stopwords[language].share(words) >= ROOTS_PARAMETERS.get(
+                language, ROOTS_PARAMETERS["default"]).stopwords_min
+    assert checked > 400 and passed / checked >= 0.99  # UDHR articles are prose
+    nouns = "government market river mountain computer window garden station teacher bicycle " * 3
+    assert stopwords["en"].share(nouns.split()) < ROOTS_PARAMETERS["en"].stopwords_min
+    step = QualityFilter(check_language_score=False)
+    spam = Document("spam", ENGLISH + " fuck shit fucking bitch cunt", lang="en")
+    assert list(step.run([spam, Document("good", ENGLISH, lang="en")])) == [Document("good", ENGLISH, lang="en")]
+    assert step.stats.dropped["flagged_words"]["en"] == 1 and step.stats.counters["stopwords_unchecked"] == 0
+    # Single characters are not flagged in scripts without spaces: 性 is "nature" in 人性, 性质, ...
+    assert flagged["zh"].share(list("人性的性质")) == 0.0
+
+
+def _unigram_arpa(path, counts: dict[str, int]) -> dict[str, float]:
+    """A KenLM-readable model that is unigram in effect (KenLM needs a bigram section: it holds one pair,
+    "committee met", with zero backoff elsewhere); returns each token's log10 probability."""
+    import math
+
+    total = sum(counts.values()) + 1  # once for </s>
+    log10 = {word: math.log10(count / total) for word, count in counts.items()}
+    log10["</s>"] = math.log10(1 / total)
+    log10["<unk>"] = -6.0  # what the corpus never shows is nearly impossible
+    lines = ["\\data\\", f"ngram 1={len(log10) + 1}", "ngram 2=1", "", "\\1-grams:", "-99\t<s>\t0"]
+    lines += [f"{value:.6f}\t{word}\t0" for word, value in log10.items()]
+    lines += ["", "\\2-grams:", "-0.1\tcommittee met", "", "\\end\\", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return log10
+
+
+def test_perplexity_filter_scores_lines_as_ccnet_and_drops_above_the_limit(tmp_path):
+    pytest.importorskip("kenlm")
+    import kenlm
+
+    from data_tools.steps.perplexity import PerplexityFilter, document_perplexity, normalise_for_lm
+
+    assert normalise_for_lm("Élan, 1984!  Déjà-vu") == "elan 0000 deja vu"
+    words = normalise_for_lm(ENGLISH).split()
+    log10 = _unigram_arpa(tmp_path / "en.arpa", {w: words.count(w) for w in set(words)})
+    model = kenlm.Model(str(tmp_path / "en.arpa"))
+    text = "The market square.\nResidents asked, twice."
+    expected = [log10[w] for w in ("the", "market", "square", "</s>", "residents", "asked", "<unk>", "</s>")]
+    assert document_perplexity(model, text, "en") == pytest.approx(10 ** (-sum(expected) / len(expected)), rel=1e-4)
+
+    limit = 2 * document_perplexity(model, ENGLISH, "en")
+    step = PerplexityFilter({"en": {"model": str(tmp_path / "en.arpa"), "max_perplexity": limit}})
+    documents = [Document("prose", ENGLISH, lang="en"), Document("noise", "qzx vlp krt wuv " * 10, lang="en"),
+                 Document("french", "Le comité s'est réuni mardi.", lang="fr")]
+    assert [d.id for d in step.run(documents)] == ["prose", "french"]
+    assert step.stats.dropped["high_perplexity"]["en"] == 1 and step.stats.counters["perplexity_unchecked"] == 1
+
+
+def test_quality_config_names_bad_perplexity_and_word_list_keys(tmp_path):
+    from bloomtrain.config import ConfigError
+    from data_tools.pipeline.config import load_pipeline_config
+
+    base = ["input.paths=[x.jsonl]", f"output.dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="quality.perplexity.en.model: .*nowhere.arpa does not exist"):
+        load_pipeline_config([*base, f"+quality.perplexity.en={{model:{tmp_path}/nowhere.arpa,max_perplexity:9}}"])
+    with pytest.raises(ConfigError, match="quality.perplexity.en needs"):
+        load_pipeline_config([*base, "+quality.perplexity.en={model:x}"])
+    with pytest.raises(ConfigError, match="quality.word_lists_dir=.* holds no stopwords/ or flagged/"):
+        load_pipeline_config([*base, f"quality.word_lists_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"quality.overrides.fr has unknown fields \['min_wordz'\]"):
+        load_pipeline_config([*base, "+quality.overrides.fr={min_wordz:3}"])
 
 
 def test_pii_redaction():

@@ -38,7 +38,10 @@ def test_run_directory_layout(tmp_path, sample_cache):
     assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step_10", "step_12"]
     assert {p.name for p in (checkpoints / "step_12").iterdir()} == {
         "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "meta.json", "manifest.json",
-        "config.yaml"}
+        "config.yaml", "tokenizer"}
+    assert {p.name for p in (checkpoints / "step_12" / "tokenizer").iterdir()} == {
+        "tokenizer.model", "tokenizer_metadata.json"}  # the run's tokenizer, in the manifest too
+    assert "tokenizer/tokenizer.model" in json.loads((checkpoints / "step_12" / "manifest.json").read_text())["files"]
     meta = json.loads((checkpoints / "step_12" / "meta.json").read_text())
     assert meta["progress"]["consumed_tokens"] == 12 * 16 * 64 and meta["layout"]["zero_stage"] == 1
     assert yaml.safe_load(meta["config"])["train"]["max_steps"] == 12 and "git_commit" in meta

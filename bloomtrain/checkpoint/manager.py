@@ -3,8 +3,10 @@
 Saved together: model and optimizer (DeepSpeed's files: module shards, ZeRO partitions, loss scaler),
 and in DeepSpeed's client state the LR scheduler, the RNG states of each rank and the
 ``universal_checkpoint_info`` for re-sharding; beside them ``meta.json`` with the step, the data
-position (consumed samples and tokens), the W&B run id, the layout, the model, the resolved config and
-the git commit, and ``manifest.json`` with every file's size and SHA-256.
+position (consumed samples and tokens), the W&B run id, the layout, the model, the resolved config,
+the git commit and the tokenizer's fingerprint, a copy of the tokenizer in ``tokenizer/``, and
+``manifest.json`` with every file's size and SHA-256. A run refuses a checkpoint whose tokenizer differs
+from its data's.
 
 A save writes ``step_N.tmp``, has every rank hash a share of the files, writes the manifest, fsyncs,
 renames to ``step_N`` and only then moves ``latest`` (see ``store.py``). Resuming verifies the newest
@@ -31,6 +33,7 @@ from bloomtrain.checkpoint.store import CheckpointError, TrainingProgress
 from bloomtrain.checkpoint.universal import convert_to_universal, universal_checkpoint_info
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
+from bloomtrain.data.tokenizer import install_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +66,13 @@ def git_commit() -> str | None:
 
 
 class CheckpointManager:
-    def __init__(self, config: BloomTrainConfig, layout: dict[str, Any], padded_vocab_size: int) -> None:
+    def __init__(self, config: BloomTrainConfig, layout: dict[str, Any], padded_vocab_size: int,
+                 tokenizer: str) -> None:
         self.config = config
         self.layout = layout
         self.padded_vocab_size = padded_vocab_size
+        self.tokenizer = tokenizer
+        self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
         self.checkpoints_dir = Path(config.run.dir) / "checkpoints"
         self.is_main = dist.get_rank() == 0
         self._commit = git_commit() if self.is_main else None
@@ -85,8 +91,10 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.checkpoints_dir), tag=staging.name, save_latest=False, client_state=state)
         dist.barrier()
         if self.is_main:
+            install_tokenizer(self.tokenizer, staging / store.TOKENIZER_DIR)
             store.write_meta(staging, progress, self.config.model, self.layout, self.padded_vocab_size,
-                             extra={"git_commit": self._commit, "config": to_yaml(self.config)})
+                             extra={"git_commit": self._commit, "config": to_yaml(self.config),
+                                    "tokenizer": self.tokenizer_fingerprint})
             (staging / "config.yaml").write_text(to_yaml(self.config))
         names = _broadcast(store.list_files(staging) if self.is_main else None)
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -139,6 +147,12 @@ class CheckpointManager:
             if saved != wanted:
                 raise ConfigError(f"{checkpoint} was written with model.{field}={saved} but the config says "
                                   f"model.{field}={wanted}; use the same model or a new run.dir")
+        if meta.tokenizer and meta.tokenizer != self.tokenizer_fingerprint:
+            raise ConfigError(
+                f"{checkpoint} was trained on data tokenized with another tokenizer ({meta.tokenizer['library']} "
+                f"{meta.tokenizer['sha256'][:12]}) than data.blend's ({self.tokenizer_fingerprint['library']} "
+                f"{self.tokenizer_fingerprint['sha256'][:12]}, {self.tokenizer}); tokenize the data with "
+                f"python -m data_tools.pipeline tokenizer.existing={checkpoint / store.TOKENIZER_DIR} ...")
         tensor = self.layout["tensor"]
         if meta.padded_vocab_size and meta.padded_vocab_size % tensor:
             raise ConfigError(f"{checkpoint} holds a vocabulary padded to {meta.padded_vocab_size} rows, which "

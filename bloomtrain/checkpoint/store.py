@@ -28,6 +28,7 @@ from bloomtrain.config import ModelConfig
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
 LATEST = "latest"
+TOKENIZER_DIR = "tokenizer"  # a copy of the tokenizer the run's data was tokenized with
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -52,6 +53,7 @@ class CheckpointMeta:
     layout: dict[str, Any]
     padded_vocab_size: int | None
     weights_only: bool  # written by ``convert from-hf``: weights, no optimizer state
+    tokenizer: dict[str, str] | None  # fingerprint of the tokenizer its data was tokenized with
 
 
 def write_meta(directory: Path, progress: TrainingProgress, model: ModelConfig, layout: dict[str, Any],
@@ -67,7 +69,7 @@ def read_meta(checkpoint: Path) -> CheckpointMeta:
     progress = TrainingProgress(**{k: v for k, v in meta["progress"].items() if k in known})
     layout = {"tensor": 1, "pipeline": 1, "data": 1, **meta.get("layout", {})}
     return CheckpointMeta(progress, ModelConfig(**meta["model"]), layout, meta.get("padded_vocab_size"),
-                          meta.get("weights_only", False))
+                          meta.get("weights_only", False), meta.get("tokenizer"))
 
 
 # ---------------------------------------------------------------------------------------------- manifest

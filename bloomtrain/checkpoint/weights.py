@@ -15,6 +15,7 @@ import torch
 
 from bloomtrain.checkpoint.store import (
     LATEST,
+    TOKENIZER_DIR,
     TrainingProgress,
     file_digest,
     list_files,
@@ -24,6 +25,7 @@ from bloomtrain.checkpoint.store import (
     write_meta,
 )
 from bloomtrain.config import ModelConfig
+from bloomtrain.data.tokenizer import install_tokenizer, tokenizer_fingerprint
 from bloomtrain.parallel.names import plain_name, plain_name_of_layer, shard_dim
 
 MODEL_STATES = "mp_rank_{tensor:02d}_model_states.pt"
@@ -59,8 +61,10 @@ def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return merged
 
 
-def write_model_only_checkpoint(checkpoints_dir: Path, model: torch.nn.Module, model_config: ModelConfig) -> Path:
-    """A step-0 checkpoint holding only weights, layout (1, 1, 1): what ``convert from-hf`` writes.
+def write_model_only_checkpoint(checkpoints_dir: Path, model: torch.nn.Module, model_config: ModelConfig,
+                                tokenizer: Path | None = None) -> Path:
+    """A step-0 checkpoint holding only weights, layout (1, 1, 1), and the model's tokenizer if given:
+    what ``convert from-hf`` writes.
 
     A run started from it (``checkpoint.resume=PATH``) loads the weights into any layout and begins
     with a fresh optimizer and schedule.
@@ -69,8 +73,12 @@ def write_model_only_checkpoint(checkpoints_dir: Path, model: torch.nn.Module, m
     final.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save({"module": state}, final / MODEL_STATES.format(tensor=0))
+    extra = {}
+    if tokenizer is not None:
+        install_tokenizer(tokenizer, final / TOKENIZER_DIR)
+        extra["tokenizer"] = tokenizer_fingerprint(final / TOKENIZER_DIR)
     write_meta(final, TrainingProgress(), model_config, {"tensor": 1, "pipeline": 1, "data": 1},
-               state["word_embeddings.weight"].shape[0], weights_only=True)
+               state["word_embeddings.weight"].shape[0], extra=extra, weights_only=True)
     write_manifest(final, {name: file_digest(final / name) for name in list_files(final)})
     write_atomically(checkpoints_dir / LATEST, final.name)
     return final

@@ -6,7 +6,8 @@ Written by the data pipeline (and by the bundled sample's preparation), read by 
     {"tokenizer": "tokenizer/tokenizer.model",
      "datasets": [{"prefix": "tokens/en", "lang": "en", "tokens": 12345, "weight": 0.12}, ...]}
 
-``prefix`` names a Megatron ``PREFIX.bin``/``PREFIX.idx`` pair.
+``prefix`` names a Megatron ``PREFIX.bin``/``PREFIX.idx`` pair; ``tokenizer`` is what megatron-core's
+``MegatronTokenizer`` loads: a sentencepiece model's file, or a Hugging Face tokenizer's folder.
 """
 
 from __future__ import annotations

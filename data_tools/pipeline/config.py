@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from bloomtrain.config import require
+from bloomtrain.config import ConfigError, require
 from bloomtrain.config_loader import compose_config, to_validated
 
 
@@ -64,7 +64,29 @@ class QualityConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Per language, fields of data_tools.steps.quality.QualityParameters: {fr: {min_words: 5}}."""
     word_lists_dir: str | None = None
-    """Folder with stopwords/<lang>.txt and flagged/<lang>.txt; without it those two checks are skipped."""
+    """Folder with stopwords/<lang>.txt and flagged/<lang>.txt; each replaces that language's packaged list."""
+    packaged_word_lists: bool = True
+    """Stop words from stopwords-iso, flagged words from LDNOOBW V2 (installed packages); false: the folder alone."""
+    perplexity: dict[str, Any] = field(default_factory=dict)
+    """Per language, a KenLM filter: {en: {model: PATH, max_perplexity: 1500, sentencepiece: PATH (optional)}}."""
+
+    def __post_init__(self) -> None:
+        from data_tools.steps.perplexity import check_perplexity_models
+        from data_tools.steps.quality import QualityParameters
+
+        known = {f.name for f in fields(QualityParameters)}
+        for language, values in self.overrides.items():
+            unknown = set(values or {}) - known
+            require(not unknown, f"quality.overrides.{language} has unknown fields {sorted(unknown)}; "
+                                 f"known: {', '.join(sorted(known))}")
+        if self.word_lists_dir:
+            folder = Path(self.word_lists_dir).expanduser()
+            require(any((folder / kind).is_dir() for kind in ("stopwords", "flagged")),
+                    f"quality.word_lists_dir={self.word_lists_dir} holds no stopwords/ or flagged/ folder")
+        try:
+            check_perplexity_models(dict(self.perplexity))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 @dataclass
@@ -93,7 +115,9 @@ class DedupConfig:
 @dataclass
 class TokenizerConfig:
     existing: str | None = None
-    """Use this sentencepiece model instead of training one."""
+    """Use this tokenizer instead of training one: a sentencepiece ``.model``, a Hugging Face
+    ``tokenizer.json``, or a folder holding either (a Hugging Face BLOOM model folder, a bloomtrain
+    checkpoint's ``tokenizer/``)."""
     model_type: str = "bpe"
     """bpe (with byte fallback, as BLOOM) | unigram."""
     vocab_size: int = 4096
@@ -106,6 +130,13 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         require(self.model_type in ("bpe", "unigram"), f"tokenizer.model_type={self.model_type!r} is not bpe/unigram")
         require(self.vocab_size >= 256, "tokenizer.vocab_size must be >= 256")
+        if self.existing:
+            from bloomtrain.data.tokenizer import TokenEncoder
+
+            try:
+                TokenEncoder(self.existing)
+            except ValueError as error:
+                raise ConfigError(f"tokenizer.existing: {error}") from None
 
 
 @dataclass

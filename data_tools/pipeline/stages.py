@@ -3,7 +3,8 @@
     clean     per input file: read -> normalise -> language id -> quality -> PII; keys for dedup
     dedup     once: exact duplicates (first in input order wins) and MinHash near-duplicate clusters
     split     per input file: the kept documents -> cleaned/<file>.jsonl
-    tokenizer once: sentencepiece on a language-balanced sample (temperature alpha), or the given model
+    tokenizer once: sentencepiece on a language-balanced sample (temperature alpha), or the given one
+              (a sentencepiece model or a Hugging Face tokenizer.json, e.g. BLOOM's)
     tokenize  per input file: one partial .bin/.idx per language
     merge     once: per language, the partials in input order -> tokens/<lang>.bin/.idx; blend.json
 
@@ -87,7 +88,12 @@ def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     steps.append(LanguageId(dict(config.language_id.thresholds), config.language_id.default_threshold,
                             config.language_id.trust_source))
     if config.quality.enabled:
-        steps.append(QualityFilter(dict(config.quality.overrides), config.quality.word_lists_dir))
+        steps.append(QualityFilter(dict(config.quality.overrides), config.quality.word_lists_dir,
+                                   config.quality.packaged_word_lists))
+        if config.quality.perplexity:
+            from data_tools.steps.perplexity import PerplexityFilter
+
+            steps.append(PerplexityFilter(dict(config.quality.perplexity)))
     if config.pii:
         steps.append(RedactPII())
     documents = reader.read(inputs[task])
@@ -163,22 +169,17 @@ def split(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
 # ------------------------------------------------------------------------------------------- tokenizer
 
 def tokenizer(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+    from bloomtrain.data.tokenizer import install_tokenizer
     from data_tools.sample import train_tokenizer
 
     target = Path(config.output.dir) / "tokenizer"
+    staging = target.with_name("tokenizer.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     if config.tokenizer.existing:
-        staging = target.with_name("tokenizer.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        shutil.copy(Path(config.tokenizer.existing).expanduser(), staging / "tokenizer.model")
-        from megatron.core.tokenizers import MegatronTokenizer
-
-        MegatronTokenizer.write_metadata(str(staging / "tokenizer.model"), "sentencepiece", overwrite=True)
+        install_tokenizer(config.tokenizer.existing, staging)
     else:
         texts = balanced_sample(config, len(inputs))
-        staging = target.with_name("tokenizer.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         train_tokenizer(texts, staging / "tokenizer", config.tokenizer.vocab_size, config.tokenizer.model_type)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
@@ -218,7 +219,7 @@ def tokenize(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     out = work_dir(config) / "tokens" / _shard(task)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    counts = write_token_files(by_language, Path(config.output.dir) / "tokenizer" / "tokenizer.model", staging)
+    counts = write_token_files(by_language, Path(config.output.dir) / "tokenizer", staging)
     (staging / "counts.json").write_text(json.dumps(counts))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
@@ -226,15 +227,14 @@ def tokenize(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
 
 
 def merge(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
-    import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
+    from bloomtrain.data.tokenizer import TokenEncoder, megatron_path
     from data_tools.sample import token_dtype
 
     root = Path(config.output.dir)
-    processor = spm.SentencePieceProcessor(model_file=str(root / "tokenizer" / "tokenizer.model"))
-    dtype = token_dtype(processor.get_piece_size())
+    dtype = token_dtype(TokenEncoder(root / "tokenizer").vocab_size)
     totals: dict[str, int] = defaultdict(int)
     partials: dict[str, list[Path]] = defaultdict(list)
     for i in range(len(inputs)):
@@ -256,7 +256,8 @@ def merge(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     weights = temperature_weights(dict(totals), config.blend.alpha)
     entries = [BlendEntry(prefix=f"tokens/{language}", weight=weights[language], lang=language,
                           tokens=totals[language]) for language in sorted(totals)]
-    write_blend(root / "blend.json", Blend(tokenizer="tokenizer/tokenizer.model", datasets=entries))
+    tokenizer_path = megatron_path(root / "tokenizer").relative_to(root)
+    write_blend(root / "blend.json", Blend(tokenizer=str(tokenizer_path), datasets=entries))
     return 0
 
 

@@ -7,9 +7,9 @@ stop-word ratio (``too_few_stopwords``), flagged-word ratio (``flagged_words``) 
 score (``low_language_score``). Thresholds per language come from :data:`ROOTS_PARAMETERS` and can be
 overridden per language (``+quality.overrides.fr={word_repetition_max:0.2}`` on the command line).
 
-Stop-word and flagged-word checks need word lists: ``quality.word_lists_dir`` with
-``stopwords/<lang>.txt`` and ``flagged/<lang>.txt`` (one word per line). Where a language has no
-list, that check is skipped and counted (``stopwords_unchecked``/``flagged_unchecked``).
+Stop-word and flagged-word lists come packaged (stopwords-iso; LDNOOBW V2) or from
+``quality.word_lists_dir``, see ``word_lists.py``. Where a language has no list, that check is skipped
+and counted (``stopwords_unchecked``/``flagged_unchecked``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import math
 import string
 from collections import Counter
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from data_tools.steps.base import Document, DocumentFilter
+from data_tools.steps.word_lists import load_word_lists
 
 # Scripts written without spaces: words are single characters there (ROOTS tokenised Chinese instead).
 NO_SPACE_LANGUAGES = {"zh", "ja", "th", "lo", "km", "my", "bo"}
@@ -110,30 +110,18 @@ def special_character_ratio(text: str) -> float:
     return sum(c in SPECIAL_CHARACTERS for c in text) / len(text) if text else 0.0
 
 
-def _share(words: list[str], vocabulary: frozenset[str]) -> float:
-    return sum(word in vocabulary for word in words) / max(len(words), 1)
-
-
-def _read_word_lists(directory: str | None, kind: str) -> dict[str, frozenset[str]]:
-    if not directory:
-        return {}
-    folder = Path(directory).expanduser() / kind
-    return {path.stem: frozenset(line.strip().lower() for line in path.read_text(encoding="utf-8").splitlines()
-                                 if line.strip()) for path in sorted(folder.glob("*.txt"))}
-
-
 class QualityFilter(DocumentFilter):
     name = "quality"
 
     def __init__(self, overrides: dict[str, dict[str, float]] | None = None, word_lists_dir: str | None = None,
-                 check_language_score: bool = True) -> None:
+                 packaged_word_lists: bool = True, check_language_score: bool = True) -> None:
         super().__init__()
         self.parameters = dict(ROOTS_PARAMETERS)
         for language, values in (overrides or {}).items():
             base = self.parameters.get(language, self.parameters["default"])
             self.parameters[language] = replace(base, **values)
-        self.stopwords = _read_word_lists(word_lists_dir, "stopwords")
-        self.flagged = _read_word_lists(word_lists_dir, "flagged")
+        self.stopwords = load_word_lists("stopwords", word_lists_dir, packaged_word_lists, NO_SPACE_LANGUAGES)
+        self.flagged = load_word_lists("flagged", word_lists_dir, packaged_word_lists, NO_SPACE_LANGUAGES)
         self.check_language_score = check_language_score
 
     def parameters_for(self, language: str) -> QualityParameters:
@@ -155,12 +143,12 @@ class QualityFilter(DocumentFilter):
             return "special_characters"
         lowered = [word.lower() for word in words]
         if language in self.stopwords:
-            if _share(lowered, self.stopwords[language]) < limits.stopwords_min:
+            if self.stopwords[language].share(lowered) < limits.stopwords_min:
                 return "too_few_stopwords"
         else:
             self.stats.count("stopwords_unchecked")
         if language in self.flagged:
-            if _share(lowered, self.flagged[language]) > limits.flagged_words_max:
+            if self.flagged[language].share(lowered) > limits.flagged_words_max:
                 return "flagged_words"
         else:
             self.stats.count("flagged_unchecked")
