@@ -25,12 +25,12 @@ Whole pipeline (``pipeline``) and tokenisation (``tokenize``)
 -------------------------------------------------------------
 A prose corpus built from the bundled UDHR sample (16 languages; each document 3-8 random articles of
 one language, so language id and quality filters see real text) in 8 JSON Lines files. The pipeline
-runs as a user runs it (``python -m data_tools.pipeline ... executor.workers=2``) while the RSS of its
-whole process tree is sampled every 50 ms: printed are MB/s of raw input and the peak of the tree's
-summed RSS. Then, on that run's cleaned text and tokenizer, the tokenize + merge stages are rerun
-with two workers and compared with a plain loop in one process (``SentencePieceProcessor.encode`` per
-document into megatron-core's ``IndexedDatasetBuilder``, one file pair per language); the token files
-of both must be byte-identical.
+runs as a user runs it (``python -m data_tools.pipeline ... executor.workers=2``) while the memory of
+its whole process tree is sampled every 50 ms: printed are MB/s of raw input and the peak of the
+tree's summed PSS (and the largest single RSS). Then, on that run's cleaned text and tokenizer, the
+tokenize + merge stages are rerun with two workers and compared with a plain loop in one process
+(``SentencePieceProcessor.encode`` per document into megatron-core's ``IndexedDatasetBuilder``, one
+file pair per language); the token files of both must be byte-identical.
 """
 
 from __future__ import annotations
@@ -177,24 +177,28 @@ def make_prose_corpus(folder: Path, megabytes: float, files: int = 8, seed: int 
     return sorted(folder.glob("part-*.jsonl"))
 
 
-def run_with_peak_memory(command: list[str]) -> tuple[float, float]:
-    """Run ``command``; returns (seconds, peak summed RSS of its process tree in MB)."""
+def run_with_peak_memory(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command``; returns (seconds, peak PSS summed over its process tree, peak RSS of its largest
+    process), in MB. PSS splits pages shared by forked workers among them, so the sum is what the tree
+    really occupies."""
     import psutil
 
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(process.pid), 0
+    root, peak_tree, peak_single = psutil.Process(process.pid), 0, 0
     while process.poll() is None:
         try:
             tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            memory = [p.memory_full_info() for p in tree]
+            peak_tree = max(peak_tree, sum(m.pss for m in memory))
+            peak_single = max(peak_single, *(m.rss for m in memory))
         except psutil.Error:
             pass
         time.sleep(0.05)
     elapsed = time.perf_counter() - started
     if process.returncode:
         raise SystemExit(f"pipeline failed:\n{process.stderr.read()[-3000:]}")
-    return elapsed, peak / 1e6
+    return elapsed, peak_tree / 1e6, peak_single / 1e6
 
 
 def pipeline_and_tokenize(megabytes: float, parts: set[str]) -> None:
@@ -204,17 +208,17 @@ def pipeline_and_tokenize(megabytes: float, parts: set[str]) -> None:
     out = root / "out"
     overrides = [f"input.paths=[{root / 'raw'}/part-*.jsonl]", f"output.dir={out}", "executor.workers=2",
                  "tokenizer.vocab_size=8000"]
-    elapsed, peak_mb = run_with_peak_memory([sys.executable, "-m", "data_tools.pipeline", *overrides])
+    elapsed, peak_tree, peak_single = run_with_peak_memory([sys.executable, "-m", "data_tools.pipeline", *overrides])
     report = json.loads((out / "report" / "report.json").read_text())
     print(f"prose corpus: {len(inputs)} files, {raw_mb:.1f} MB")
     if "pipeline" in parts:
         print(f"whole pipeline, 2 workers: {elapsed:.1f} s, {raw_mb / elapsed:.2f} MB/s of raw input, "
-              f"peak RSS of all processes {peak_mb:.0f} MB")
+              f"peak memory {peak_tree:.0f} MB (PSS summed over the 3 processes; largest RSS {peak_single:.0f} MB)")
         steps = report["steps"]
-        documents_in = sum(c["documents"] for c in steps[0]["in"].values())
-        documents_out = sum(c["documents"] for c in steps[-1]["out"].values())
-        print(f"  {documents_in:,} documents in, {documents_out:,} kept, {sum(report['tokens'].values()):,} tokens "
-              f"in {len(report['tokens'])} languages")
+        documents_read = sum(c["documents"] for c in steps[0]["out"].values())
+        documents_kept = sum(c["documents"] for c in steps[-1]["out"].values())
+        print(f"  {documents_read:,} documents read, {documents_kept:,} kept, {sum(report['tokens'].values()):,} "
+              f"tokens in {len(report['tokens'])} languages")
     if "tokenize" in parts:
         tokenize_side_by_side(out, overrides)
     shutil.rmtree(root, ignore_errors=True)

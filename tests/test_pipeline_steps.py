@@ -110,6 +110,25 @@ def test_repetition_measures():
     assert words_of("Hello, world!! 123", "en") == ["Hello", "world"]
 
 
+def test_character_repetition_counts_as_substrings_do():
+    """The hashed n-gram counts give ROOTS' ratio exactly, checked against a Counter of substrings."""
+    import math
+    from collections import Counter
+
+    from data_tools.sample import SAMPLE_CORPUS
+
+    def by_substrings(text: str, n: int) -> float:
+        grams = Counter(text[i:i + n] for i in range(len(text) - n + 1))
+        top = max(int(math.sqrt(len(grams))), 1)
+        return sum(sorted((c for c in grams.values() if c > 1), reverse=True)[:top]) / sum(grams.values())
+
+    texts = [json.loads(line)["text"] for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[::7]]
+    texts += ["la la la " * 30 + "fin", "😀🙂" * 40 + "x"]  # characters beyond the BMP too
+    for text in texts:
+        for n in (3, 10):
+            assert character_repetition_ratio(text, n) == pytest.approx(by_substrings(text, n), abs=1e-12)
+
+
 def test_quality_filter_drops_each_planted_case(tmp_path):
     lists = tmp_path / "lists"
     (lists / "stopwords").mkdir(parents=True)
