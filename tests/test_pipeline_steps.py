@@ -13,7 +13,7 @@ from data_tools.steps.langid import LanguageId
 from data_tools.steps.normalize import Normalize, normalize_text
 from data_tools.steps.pii import RedactPII, redact
 from data_tools.steps.quality import QualityFilter, character_repetition_ratio, word_repetition_ratio, words_of
-from data_tools.steps.read import DocumentReader, InputError, expand_inputs
+from data_tools.steps.read import DocumentReader, InputError, expand_inputs, plan_shards
 from data_tools.steps.word_lists import WordList
 
 ENGLISH = ("The committee met on Tuesday to discuss the new library, which will open next spring near the old "
@@ -66,6 +66,42 @@ def test_reader_formats(tmp_path, suffix):
     else:
         assert [(d.id, d.text, d.lang) for d in documents] == [("1", "first document", "en"),
                                                                ("2", "second", "fr")]
+
+
+def test_byte_range_shards_read_every_line_once_in_order(tmp_path):
+    path = tmp_path / "big.jsonl"
+    lines = [json.dumps({"text": f"document {i} " + "word " * (i % 13)}) for i in range(300)]
+    lines[17], lines[200] = "{broken", ""  # a bad line and a blank one, counted (or skipped) once
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    whole_reader = DocumentReader()
+    whole = [d.text for d in whole_reader.read(path)]
+    size = path.stat().st_size
+    for shard_bytes in (1, 97, 1000, size - 1, size):
+        shards = plan_shards([path], shard_bytes)
+        assert shards[0].start == 0 and all(a.stop == b.start for a, b in zip(shards, shards[1:], strict=False))
+        assert len(shards) == (1 if shard_bytes >= size else -(-size // shard_bytes))
+        reader = DocumentReader()
+        parts = [list(reader.read(shard)) for shard in shards]
+        assert [d.text for part in parts for d in part] == whole, shard_bytes
+        assert reader.stats.dropped == whole_reader.stats.dropped
+        offsets = [int(d.id.split("@")[1]) for part in parts for d in part] if len(shards) > 1 else []
+        assert all(path.read_bytes()[o - 1:o] == b"\n" for o in offsets if o)  # ids name where a line starts
+
+
+def test_parquet_is_sharded_by_row_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "big.parquet"
+    texts = [f"row {i} " + "text " * (i % 7) for i in range(250)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=20)
+    shards = plan_shards([path], 300)
+    assert len(shards) > 3 and shards[-1].stop == pq.ParquetFile(path).metadata.num_row_groups
+    reader = DocumentReader()
+    documents = [d for shard in shards for d in reader.read(shard)]
+    assert [d.text for d in documents] == texts
+    assert [d.id for d in documents] == [f"big.parquet:{i}" for i in range(1, 251)]  # rows keep their numbers
+    assert plan_shards([path], 10**9)[0].is_part is False
 
 
 def test_missing_or_unknown_inputs_stop_before_any_work(tmp_path):

@@ -15,13 +15,13 @@ def main(argv: list[str] | None = None) -> int:
         config = load_pipeline_config(args)
         from data_tools.pipeline.run import run_pipeline
 
-        inputs = run_pipeline(config)
+        shards = run_pipeline(config)
     except (ConfigError, InputError) as error:
         print(f"data_tools.pipeline: {error}", file=sys.stderr)
         return 2
     from data_tools.pipeline.report import table, write_report
 
-    report = write_report(config, len(inputs))
+    report = write_report(config, len(shards))
     print(table(report))
     print(f"blend file: {config.output.dir}/blend.json (train with data.blend=...); "
           f"report: {config.output.dir}/report/")

@@ -23,6 +23,12 @@ class InputConfig:
     """A field holding each document's language, when the source labels it (see language_id.trust_source)."""
     max_document_bytes: int = 10_000_000
     """Longer documents are dropped as 'oversized'."""
+    shard_megabytes: float = 256
+    """Uncompressed JSON Lines (by byte range) and Parquet files (by row groups) larger than this are read by
+    several tasks; compressed files are one task each."""
+
+    def __post_init__(self) -> None:
+        require(self.shard_megabytes > 0, "input.shard_megabytes must be positive")
 
 
 @dataclass

@@ -10,54 +10,55 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 
 from tqdm import tqdm
 
 from data_tools.pipeline.config import PipelineConfig
 from data_tools.pipeline.stages import STAGES, marker, work_dir
-from data_tools.steps.read import InputError, expand_inputs
+from data_tools.steps.read import InputError, InputShard, expand_inputs, plan_shards
 
 STAGE_FUNCTIONS = {name: function for name, function, _ in STAGES}
 
 
-def run_task(stage: str, config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+def run_task(stage: str, config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     """One task of one stage, then its completion marker; returns the bytes it processed."""
-    processed = STAGE_FUNCTIONS[stage](config, task, inputs)
+    processed = STAGE_FUNCTIONS[stage](config, task, shards)
     done = marker(config, stage, task)
     done.parent.mkdir(parents=True, exist_ok=True)
     done.touch()
     return processed
 
 
-def prepare(config: PipelineConfig) -> list[Path]:
-    """Resolve the inputs and check them against what this output directory was started with."""
-    inputs = expand_inputs(list(config.input.paths))
-    record = work_dir(config) / "inputs.json"
-    listed = [str(path.resolve()) for path in inputs]
+def prepare(config: PipelineConfig) -> list[InputShard]:
+    """Resolve the inputs into shards and check them against what this output directory was started with."""
+    files = expand_inputs(list(config.input.paths))
+    shards = plan_shards(files, int(config.input.shard_megabytes * 1e6))
+    record = work_dir(config) / "shards.json"
+    listed = [shard.to_json() for shard in shards]
     if record.exists() and json.loads(record.read_text()) != listed:
-        raise InputError(f"output.dir={config.output.dir} holds a run over other inputs; use a new output.dir "
-                         "(or delete it) to process these")
+        raise InputError(f"output.dir={config.output.dir} holds a run over other inputs (or another "
+                         "input.shard_megabytes); use a new output.dir (or delete it) to process these")
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(listed, indent=1))
-    return inputs
+    return shards
 
 
-def run_pipeline(config: PipelineConfig, show_progress: bool = True) -> list[Path]:
-    inputs = prepare(config)
+def run_pipeline(config: PipelineConfig, show_progress: bool = True) -> list[InputShard]:
+    shards = prepare(config)
     for stage, _, kind in STAGES:
-        tasks = list(range(len(inputs))) if kind == "per_input" else [0]
+        tasks = list(range(len(shards))) if kind == "per_input" else [0]
         pending = [task for task in tasks if not marker(config, stage, task).exists()]
         if not pending:
             continue
         if config.executor.name == "slurm":
-            _run_on_slurm(stage, config, pending, inputs)
+            _run_on_slurm(stage, config, pending, shards)
         else:
-            _run_locally(stage, config, pending, inputs, show_progress)
-    return inputs
+            _run_locally(stage, config, pending, shards, show_progress)
+    return shards
 
 
-def _run_locally(stage: str, config: PipelineConfig, tasks: list[int], inputs: list[Path], show: bool) -> None:
+def _run_locally(stage: str, config: PipelineConfig, tasks: list[int], shards: list[InputShard],
+                 show: bool) -> None:
     started = time.perf_counter()
     total = 0
     with tqdm(total=len(tasks), desc=f"{stage:9}", unit="task", disable=not show, leave=True) as bar:
@@ -70,15 +71,15 @@ def _run_locally(stage: str, config: PipelineConfig, tasks: list[int], inputs: l
 
         if config.executor.workers == 1 or len(tasks) == 1:
             for task in tasks:
-                advance(run_task(stage, config, task, inputs))
+                advance(run_task(stage, config, task, shards))
             return
         with ProcessPoolExecutor(max_workers=min(config.executor.workers, len(tasks))) as pool:
-            futures = [pool.submit(run_task, stage, config, task, inputs) for task in tasks]
+            futures = [pool.submit(run_task, stage, config, task, shards) for task in tasks]
             for future in as_completed(futures):
                 advance(future.result())
 
 
-def _run_on_slurm(stage: str, config: PipelineConfig, tasks: list[int], inputs: list[Path]) -> None:
+def _run_on_slurm(stage: str, config: PipelineConfig, tasks: list[int], shards: list[InputShard]) -> None:
     import submitit
 
     settings = config.executor
@@ -88,6 +89,6 @@ def _run_on_slurm(stage: str, config: PipelineConfig, tasks: list[int], inputs: 
                                name=f"bloomtrain-data-{stage}")
     if settings.partition and executor.cluster == "slurm":
         executor.update_parameters(slurm_partition=settings.partition)
-    jobs = executor.map_array(run_task, [stage] * len(tasks), [config] * len(tasks), tasks, [inputs] * len(tasks))
+    jobs = executor.map_array(run_task, [stage] * len(tasks), [config] * len(tasks), tasks, [shards] * len(tasks))
     for job in tqdm(jobs, desc=f"{stage:9}", unit="task"):
         job.result()  # raises with the task's own traceback if it failed

@@ -1,16 +1,17 @@
 """The pipeline's stages, each a function of (config, task index) that an executor can run anywhere.
 
-    clean     per input file: read -> normalise -> language id -> quality -> PII; keys for dedup
+    clean     per shard: read -> normalise -> language id -> quality -> PII; keys for dedup
     dedup     once: exact duplicates (first in input order wins) and MinHash near-duplicate clusters
-    split     per input file: the kept documents -> cleaned/<file>.jsonl
+    split     per shard: the kept documents -> cleaned/<shard>.jsonl
     tokenizer once: sentencepiece on a language-balanced sample (temperature alpha), or the given one
               (a sentencepiece model or a Hugging Face tokenizer.json, e.g. BLOOM's)
-    tokenize  per input file: one partial .bin/.idx per language
+    tokenize  per shard: one partial .bin/.idx per language
     merge     once: per language, the partials in input order -> tokens/<lang>.bin/.idx; blend.json
 
 Every task writes into temporary names and renames, then leaves a completion marker; a rerun skips
 tasks whose marker exists, so it redoes only unfinished work and ends with the same bytes. Because
-tasks are per input file and merged in input order, the output does not depend on the worker count.
+tasks are per shard (a file, or a byte range / row groups of a large one, see ``steps/read.py``) and
+merged in input order, the output does not depend on the worker count.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from data_tools.pipeline.config import PipelineConfig
 from data_tools.steps.base import Document, StepStats
+from data_tools.steps.read import InputShard
 
 WORK = "work"
 
@@ -70,7 +72,7 @@ def _read_jsonl(path: Path):
 
 # ---------------------------------------------------------------------------------------------- clean
 
-def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     """Returns the input bytes processed (for progress)."""
     from data_tools.minhash import MinHasher
     from data_tools.steps.dedup_exact import dedup_key
@@ -96,7 +98,7 @@ def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
             steps.append(PerplexityFilter(dict(config.quality.perplexity)))
     if config.pii:
         steps.append(RedactPII())
-    documents = reader.read(inputs[task])
+    documents = reader.read(shards[task])
     for step in steps:
         documents = step.run(documents)
     kept: list[Document] = list(documents)
@@ -110,17 +112,17 @@ def clean(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
         hasher = MinHasher(config.dedup.minhash_parameters())
         _save_npy(out / f"{_shard(task)}.signatures.npy",
                   hasher.signatures([d.text for d in kept], [d.language for d in kept]))
-    return inputs[task].stat().st_size
+    return shards[task].size
 
 
 # ---------------------------------------------------------------------------------------------- dedup
 
-def dedup(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     """Decide, over all files at once, which documents go; one boolean mask per file."""
     from data_tools.minhash import duplicate_clusters
 
     out = work_dir(config)
-    keys = [np.load(out / "clean" / f"{_shard(i)}.exact.npy") for i in range(len(inputs))]
+    keys = [np.load(out / "clean" / f"{_shard(i)}.exact.npy") for i in range(len(shards))]
     sizes = [k.size for k in keys]
     flat_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
     reason = np.zeros(flat_keys.size, dtype=np.int8)  # 0 kept, 1 exact duplicate, 2 near duplicate
@@ -131,12 +133,12 @@ def dedup(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
         reason[duplicate] = 1
     if config.dedup.near and flat_keys.size:
         signatures = np.concatenate([np.load(out / "clean" / f"{_shard(i)}.signatures.npy")
-                                     for i in range(len(inputs))])
+                                     for i in range(len(shards))])
         survivors = np.flatnonzero(reason == 0)
         roots = duplicate_clusters(signatures[survivors], config.dedup.minhash_parameters())
         reason[survivors[roots != np.arange(survivors.size)]] = 2
     offsets = np.cumsum([0, *sizes])
-    for i in range(len(inputs)):
+    for i in range(len(shards)):
         _save_npy(out / "dedup" / f"{_shard(i)}.reason.npy", reason[offsets[i]:offsets[i + 1]])
     return 0
 
@@ -146,7 +148,7 @@ def dedup(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
 DEDUP_REASONS = {1: "exact_duplicate", 2: "near_duplicate"}
 
 
-def split(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+def split(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     out = work_dir(config)
     reasons = np.load(out / "dedup" / f"{_shard(task)}.reason.npy")
     stats = StepStats("dedup")
@@ -168,7 +170,7 @@ def split(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
 
 # ------------------------------------------------------------------------------------------- tokenizer
 
-def tokenizer(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+def tokenizer(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     from bloomtrain.data.tokenizer import install_tokenizer
     from data_tools.sample import train_tokenizer
 
@@ -179,7 +181,7 @@ def tokenizer(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     if config.tokenizer.existing:
         install_tokenizer(config.tokenizer.existing, staging)
     else:
-        texts = balanced_sample(config, len(inputs))
+        texts = balanced_sample(config, len(shards))
         train_tokenizer(texts, staging / "tokenizer", config.tokenizer.vocab_size, config.tokenizer.model_type)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
@@ -210,7 +212,7 @@ def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
 
 # ------------------------------------------------------------------------------------- tokenize, merge
 
-def tokenize(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+def tokenize(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     from data_tools.sample import write_token_files
 
     by_language: dict[str, list[str]] = defaultdict(list)
@@ -226,7 +228,7 @@ def tokenize(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     return 0
 
 
-def merge(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
+def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
@@ -237,7 +239,7 @@ def merge(config: PipelineConfig, task: int, inputs: list[Path]) -> int:
     dtype = token_dtype(TokenEncoder(root / "tokenizer").vocab_size)
     totals: dict[str, int] = defaultdict(int)
     partials: dict[str, list[Path]] = defaultdict(list)
-    for i in range(len(inputs)):
+    for i in range(len(shards)):
         shard = work_dir(config) / "tokens" / _shard(i)
         for language, count in json.loads((shard / "counts.json").read_text()).items():
             totals[language] += count

@@ -1,10 +1,15 @@
 """Readers: documents from JSON Lines (plain, gzip, zstd), Parquet and plain text, streamed.
 
 Nothing is read whole into memory: JSON Lines and text stream line by line (through a decompressor
-where needed), Parquet by record batch. Bad input never stops a run and is never dropped silently:
-each bad record is counted under a named reason (``malformed_json``, ``invalid_utf8``,
-``missing_text``, ``non_string_text``, ``empty``, ``oversized``) in the reader's statistics.
-Document ids default to ``<file name>:<line or row>`` when the id field is absent.
+where needed), Parquet by record batch. A large uncompressed JSON Lines file is read by several tasks,
+each taking the lines that start inside its byte range; a large Parquet file by runs of row groups
+(:func:`plan_shards`). Compressed files cannot be entered in the middle: one task each.
+
+Bad input never stops a run and is never dropped silently: each bad record is counted under a named
+reason (``malformed_json``, ``invalid_utf8``, ``missing_text``, ``non_string_text``, ``empty``,
+``oversized``) in the reader's statistics.
+Document ids default to ``<file name>:<line or row>`` when the id field is absent
+(``<file name>@<byte offset>`` in a byte range of a JSON Lines file, whose line numbers are unknown).
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import itertools
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_tools.steps.base import Document, StepStats
@@ -47,6 +54,55 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return sorted(dict.fromkeys(files))
 
 
+@dataclass(frozen=True)
+class InputShard:
+    """What one clean task reads: a whole file, the lines starting in ``[start, stop)`` of an uncompressed
+    JSON Lines file, or row groups ``[start, stop)`` of a Parquet file."""
+
+    path: Path
+    start: int = 0
+    stop: int | None = None  # None: the whole file
+    size: int = 0  # the input bytes it covers, for progress
+
+    @property
+    def is_part(self) -> bool:
+        return self.stop is not None
+
+    def to_json(self) -> list:
+        return [str(self.path.resolve()), self.start, self.stop]
+
+
+def plan_shards(files: list[Path], shard_bytes: int) -> list[InputShard]:
+    """Split files larger than ``shard_bytes`` where the format allows; deterministic for given sizes."""
+    shards: list[InputShard] = []
+    for path in files:
+        size = path.stat().st_size
+        if size > shard_bytes and path.name.endswith((".jsonl", ".json")):
+            count = -(-size // shard_bytes)
+            bounds = [size * i // count for i in range(count + 1)]
+            shards += [InputShard(path, start, stop, stop - start) for start, stop in itertools.pairwise(bounds)]
+        elif size > shard_bytes and path.name.endswith(PARQUET_SUFFIXES):
+            shards += _row_group_shards(path, size, shard_bytes)
+        else:
+            shards.append(InputShard(path, size=size))
+    return shards
+
+
+def _row_group_shards(path: Path, size: int, shard_bytes: int) -> list[InputShard]:
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    group_bytes = [sum(metadata.row_group(g).column(c).total_compressed_size for c in range(metadata.num_columns))
+                   for g in range(metadata.num_row_groups)]
+    shards, first, taken = [], 0, 0
+    for group, nbytes in enumerate(group_bytes):
+        taken += nbytes
+        if taken >= shard_bytes or group == len(group_bytes) - 1:
+            shards.append(InputShard(path, first, group + 1, taken))
+            first, taken = group + 1, 0
+    return shards if len(shards) > 1 else [InputShard(path, size=size)]
+
+
 def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
@@ -55,6 +111,26 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
+
+
+def _jsonl_lines(shard: InputShard) -> Iterator[tuple[str, bytes]]:
+    """(position label, raw line) of the lines a shard owns: those whose first byte lies in its range."""
+    with _open_binary(shard.path) as handle:
+        if not shard.is_part:
+            for number, raw in enumerate(handle, start=1):
+                yield f":{number}", raw
+            return
+        position = shard.start
+        if position > 0:
+            # The line holding byte start-1 belongs to the previous shard (or ends exactly there).
+            handle.seek(position - 1)
+            position += len(handle.readline()) - 1
+        while position < shard.stop:
+            raw = handle.readline()
+            if not raw:
+                break
+            yield f"@{position}", raw
+            position += len(raw)
 
 
 class DocumentReader:
@@ -68,40 +144,41 @@ class DocumentReader:
         self.max_bytes = max_bytes
         self.stats = StepStats(self.name)
 
-    def read(self, path: Path) -> Iterator[Document]:
+    def read(self, source: Path | InputShard) -> Iterator[Document]:
+        shard = source if isinstance(source, InputShard) else InputShard(Path(source))
+        path = shard.path
         if path.name.endswith(PARQUET_SUFFIXES):
-            records = self._parquet_records(path)
+            records = self._parquet_records(shard)
         elif path.name.endswith(TEXT_SUFFIXES):
             records = self._text_records(path)
         else:
-            records = self._jsonl_records(path)
+            records = self._jsonl_records(shard)
         for position, record in records:
             document = self._document(path, position, record)
             if document is not None:
                 self.stats.record_out(document)
                 yield document
 
-    def _jsonl_records(self, path: Path) -> Iterator[tuple[int, dict]]:
-        with _open_binary(path) as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    self.stats.record_drop("invalid_utf8")
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    self.stats.record_drop("malformed_json")
-                    continue
-                if not isinstance(record, dict):
-                    self.stats.record_drop("malformed_json")
-                    continue
-                yield number, record
+    def _jsonl_records(self, shard: InputShard) -> Iterator[tuple[str, dict]]:
+        for position, raw in _jsonl_lines(shard):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self.stats.record_drop("invalid_utf8")
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                self.stats.record_drop("malformed_json")
+                continue
+            if not isinstance(record, dict):
+                self.stats.record_drop("malformed_json")
+                continue
+            yield position, record
 
-    def _text_records(self, path: Path) -> Iterator[tuple[int, dict]]:
+    def _text_records(self, path: Path) -> Iterator[tuple[str, dict]]:
         # A plain-text file is one document; read in one pass but capped at max_bytes + 1.
         with _open_binary(path) as handle:
             raw = handle.read(self.max_bytes + 1)
@@ -109,20 +186,22 @@ class DocumentReader:
             self.stats.record_drop("oversized")
             return
         try:
-            yield 1, {self.text_field: raw.decode("utf-8")}
+            yield ":1", {self.text_field: raw.decode("utf-8")}
         except UnicodeDecodeError:
             self.stats.record_drop("invalid_utf8")
 
-    def _parquet_records(self, path: Path) -> Iterator[tuple[int, dict]]:
+    def _parquet_records(self, shard: InputShard) -> Iterator[tuple[str, dict]]:
         import pyarrow.parquet as pq
 
-        row = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        parquet = pq.ParquetFile(shard.path)
+        groups = range(shard.start, shard.stop) if shard.is_part else range(parquet.metadata.num_row_groups)
+        row = sum(parquet.metadata.row_group(g).num_rows for g in range(groups.start))
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=list(groups)):
             for record in batch.to_pylist():
                 row += 1
-                yield row, record
+                yield f":{row}", record
 
-    def _document(self, path: Path, position: int, record: dict) -> Document | None:
+    def _document(self, path: Path, position: str, record: dict) -> Document | None:
         if self.text_field not in record or record[self.text_field] is None:
             self.stats.record_drop("missing_text")
             return None
@@ -142,7 +221,7 @@ class DocumentReader:
             self.stats.record_drop("oversized")
             return None
         identifier = record.get(self.id_field)
-        document_id = str(identifier) if identifier not in (None, "") else f"{path.name}:{position}"
+        document_id = str(identifier) if identifier not in (None, "") else f"{path.name}{position}"
         lang = record.get(self.lang_field) if self.lang_field else None
         return Document(document_id, text, lang=lang if isinstance(lang, str) and lang else None)
 
