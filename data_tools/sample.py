@@ -20,7 +20,7 @@ import json
 import shutil
 import sys
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +45,10 @@ def read_documents(path: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe") -> Path:
-    """Train ``<model_prefix>.model``; the same texts give the same bytes wherever it is written."""
+def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model_type: str = "bpe",
+                    special_tokens: Sequence[str] = ()) -> Path:
+    """Train ``<model_prefix>.model``; the same texts give the same bytes wherever it is written.
+    ``special_tokens`` get ids right after BLOOM's four and are never split."""
     model = io.BytesIO()  # a model written by path would record that path in its trainer spec
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -62,6 +64,7 @@ def train_tokenizer(texts: list[str], model_prefix: Path, vocab_size: int, model
         allow_whitespace_only_pieces=True,
         num_threads=2,
         minloglevel=2,
+        user_defined_symbols=list(special_tokens),
         **SPECIAL_IDS,
     )
     model_path = model_prefix.with_suffix(".model")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled sample prepared once per session, and a helper that runs training."""
+"""Shared fixtures and helpers: the bundled sample prepared once per session, runs of training under
+one process or torchrun, a tiny BLOOM-style Hugging Face tokenizer, and a real one-node SLURM."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,28 @@ def save_byte_level_bpe(texts: list[str], vocab_size: int, out_dir: Path, **spec
     names = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", **special_tokens}
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def local_slurm() -> Iterator[str]:
+    """A real one-node SLURM cluster started by ``launch/local_slurm.sh`` (root, Debian's packages);
+    yields its partition. Outside CI a machine without them skips; ``.ci/run`` installs them and sets
+    BLOOMTRAIN_REQUIRE_SLURM=1, which turns a missing SLURM into a failure."""
+    import shutil
+
+    problem = None
+    if shutil.which("slurmctld") is None or shutil.which("sbatch") is None:
+        problem = "SLURM is not installed (apt-get install slurmctld slurmd slurm-client munge)"
+    elif os.geteuid() != 0:
+        problem = "starting SLURM's daemons needs root"
+    if problem:
+        if os.environ.get("BLOOMTRAIN_REQUIRE_SLURM") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    script = REPO / "launch" / "local_slurm.sh"
+    started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=180)
+    if started.returncode:
+        pytest.fail(f"could not start the local SLURM:\n{started.stdout}\n{started.stderr}")
+    yield "local"
+    if "already running" not in started.stdout:
+        subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=60)

@@ -92,6 +92,16 @@ def test_sentencepiece_model_installs_and_encodes_as_sentencepiece(sentencepiece
     assert _megatron(loadable).tokenize(PROBES[0]) == processor.encode(PROBES[0])
 
 
+def test_trained_tokenizer_keeps_special_tokens_whole(tmp_path):
+    import sentencepiece as spm
+
+    model = train_tokenizer(TEXTS, tmp_path / "tokenizer", 600, special_tokens=["<mask>", "<|code|>"])
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    assert [processor.id_to_piece(i) for i in range(6)] == ["<unk>", "<s>", "</s>", "<pad>", "<mask>", "<|code|>"]
+    ids = processor.encode("right <mask> of <|code|>everyone")
+    assert 4 in ids and 5 in ids and processor.decode(ids) == "right <mask> of <|code|>everyone"
+
+
 def test_fingerprint_follows_the_tokenization_not_the_file_layout(hf_folder, sentencepiece_model, tmp_path):
     original = tokenizer_fingerprint(hf_folder)
     resaved = tmp_path / "resaved"

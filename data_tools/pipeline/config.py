@@ -132,6 +132,8 @@ class TokenizerConfig:
     """Temperature of the language-balanced training sample (BLOOM: 0.3)."""
     sample_bytes: int = 200_000_000
     """Size of the training sample."""
+    special_tokens: list[str] = field(default_factory=list)
+    """Extra tokens kept whole (e.g. [<mask>, <|code|>]), with ids after BLOOM's <unk> <s> </s> <pad> (0-3)."""
 
     def __post_init__(self) -> None:
         require(self.model_type in ("bpe", "unigram"), f"tokenizer.model_type={self.model_type!r} is not bpe/unigram")

@@ -14,14 +14,14 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from tqdm import tqdm
 
 from data_tools.pipeline.config import PipelineConfig
-from data_tools.pipeline.stages import STAGES, marker, work_dir
+from data_tools.pipeline.stages import STAGES, Processed, marker, work_dir
 from data_tools.steps.read import InputError, InputShard, expand_inputs, plan_shards
 
 STAGE_FUNCTIONS = {name: function for name, function, _ in STAGES}
 
 
-def run_task(stage: str, config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
-    """One task of one stage, then its completion marker; returns the bytes it processed."""
+def run_task(stage: str, config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
+    """One task of one stage, then its completion marker; returns what it processed."""
     processed = STAGE_FUNCTIONS[stage](config, task, shards)
     done = marker(config, stage, task)
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -60,14 +60,17 @@ def run_pipeline(config: PipelineConfig, show_progress: bool = True) -> list[Inp
 def _run_locally(stage: str, config: PipelineConfig, tasks: list[int], shards: list[InputShard],
                  show: bool) -> None:
     started = time.perf_counter()
-    total = 0
+    documents = nbytes = 0
     with tqdm(total=len(tasks), desc=f"{stage:9}", unit="task", disable=not show, leave=True) as bar:
-        def advance(processed: int) -> None:
-            nonlocal total
-            total += processed
+        def advance(processed: Processed) -> None:
+            nonlocal documents, nbytes
+            documents, nbytes = documents + processed.documents, nbytes + processed.bytes
             bar.update(1)
-            if total:
-                bar.set_postfix_str(f"{total / 1e6 / (time.perf_counter() - started):.1f} MB/s")
+            elapsed = time.perf_counter() - started
+            rates = ([f"{documents / elapsed:,.0f} docs/s"] if documents else []) + \
+                ([f"{nbytes / 1e6 / elapsed:.1f} MB/s"] if nbytes else [])
+            if rates:
+                bar.set_postfix_str(", ".join(rates))
 
         if config.executor.workers == 1 or len(tasks) == 1:
             for task in tasks:

@@ -23,6 +23,7 @@ import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +32,13 @@ from data_tools.steps.base import Document, StepStats
 from data_tools.steps.read import InputShard
 
 WORK = "work"
+
+
+class Processed(NamedTuple):
+    """What a task got through, for the progress bars' docs/s and MB/s."""
+
+    documents: int = 0
+    bytes: int = 0
 
 
 def work_dir(config: PipelineConfig) -> Path:
@@ -72,8 +80,7 @@ def _read_jsonl(path: Path):
 
 # ---------------------------------------------------------------------------------------------- clean
 
-def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
-    """Returns the input bytes processed (for progress)."""
+def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     from data_tools.minhash import MinHasher
     from data_tools.steps.dedup_exact import dedup_key
     from data_tools.steps.langid import LanguageId
@@ -112,12 +119,12 @@ def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
         hasher = MinHasher(config.dedup.minhash_parameters())
         _save_npy(out / f"{_shard(task)}.signatures.npy",
                   hasher.signatures([d.text for d in kept], [d.language for d in kept]))
-    return shards[task].size
+    return Processed(sum(c["documents"] for c in reader.stats.outputs.values()), shards[task].size)
 
 
 # ---------------------------------------------------------------------------------------------- dedup
 
-def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
+def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     """Decide, over all files at once, which documents go; one boolean mask per file."""
     from data_tools.minhash import duplicate_clusters
 
@@ -140,7 +147,7 @@ def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     offsets = np.cumsum([0, *sizes])
     for i in range(len(shards)):
         _save_npy(out / "dedup" / f"{_shard(i)}.reason.npy", reason[offsets[i]:offsets[i + 1]])
-    return 0
+    return Processed(int(flat_keys.size))
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -148,7 +155,7 @@ def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
 DEDUP_REASONS = {1: "exact_duplicate", 2: "near_duplicate"}
 
 
-def split(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
+def split(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     out = work_dir(config)
     reasons = np.load(out / "dedup" / f"{_shard(task)}.reason.npy")
     stats = StepStats("dedup")
@@ -165,12 +172,12 @@ def split(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
     cleaned = Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"
     _write_atomically(cleaned, lambda p: p.write_text("".join(lines), encoding="utf-8"))
     _save_json(out / "dedup" / f"{_shard(task)}.stats.json", stats.to_json())
-    return cleaned.stat().st_size
+    return Processed(len(reasons), cleaned.stat().st_size)
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
 
-def tokenizer(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
+def tokenizer(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     from bloomtrain.data.tokenizer import install_tokenizer
     from data_tools.sample import train_tokenizer
 
@@ -182,10 +189,11 @@ def tokenizer(config: PipelineConfig, task: int, shards: list[InputShard]) -> in
         install_tokenizer(config.tokenizer.existing, staging)
     else:
         texts = balanced_sample(config, len(shards))
-        train_tokenizer(texts, staging / "tokenizer", config.tokenizer.vocab_size, config.tokenizer.model_type)
+        train_tokenizer(texts, staging / "tokenizer", config.tokenizer.vocab_size, config.tokenizer.model_type,
+                        config.tokenizer.special_tokens)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
-    return 0
+    return Processed()
 
 
 def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
@@ -212,11 +220,12 @@ def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
 
 # ------------------------------------------------------------------------------------- tokenize, merge
 
-def tokenize(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
+def tokenize(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     from data_tools.sample import write_token_files
 
     by_language: dict[str, list[str]] = defaultdict(list)
-    for record in _read_jsonl(Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"):
+    cleaned = Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"
+    for record in _read_jsonl(cleaned):
         by_language[record["lang"]].append(record["text"])
     out = work_dir(config) / "tokens" / _shard(task)
     staging = out.with_name(out.name + ".tmp")
@@ -225,10 +234,10 @@ def tokenize(config: PipelineConfig, task: int, shards: list[InputShard]) -> int
     (staging / "counts.json").write_text(json.dumps(counts))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
-    return 0
+    return Processed(sum(len(texts) for texts in by_language.values()), cleaned.stat().st_size)
 
 
-def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
+def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
@@ -260,7 +269,7 @@ def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> int:
                           tokens=totals[language]) for language in sorted(totals)]
     tokenizer_path = megatron_path(root / "tokenizer").relative_to(root)
     write_blend(root / "blend.json", Blend(tokenizer=str(tokenizer_path), datasets=entries))
-    return 0
+    return Processed()
 
 
 @contextlib.contextmanager
