@@ -226,11 +226,53 @@ class RunConfig:
 
 
 @dataclass
+class SlurmLaunchConfig:
+    """``launcher=slurm``: the batch job ``bloomtrain.launch`` writes to ``RUN_DIR/slurm/job.sh`` and submits."""
+
+    partition: str | None = None
+    account: str | None = None
+    time_minutes: int | None = None
+    """The job's time limit; null: the partition's default."""
+    gpus_per_node: int = 0
+    """GPUs per node; with ``parallel.data=auto`` the job starts this many ranks per node. 0: CPU nodes."""
+    cpus_per_task: int | None = None
+    """CPUs for each node's task (all of that node's ranks); null: the cluster's default."""
+    mem_gb: int | None = None
+    stop_signal_seconds: int = 300
+    """SLURM sends SIGUSR1 this long before the time limit: enough for a step and a checkpoint save."""
+    requeue: bool = True
+    """After a stop with a checkpoint (not a cancellation), put the job back in the queue to resume."""
+    rendezvous_port: int = 29500
+    """The port of torchrun's c10d rendezvous on the job's first node."""
+    job_name: str | None = None
+    """null: ``run.name``."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before training, e.g. ``[module load cuda/12.4, source /path/venv/bin/activate]``."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """More sbatch options, quoted for Hydra: ``'launch.slurm.sbatch_args=["--qos=high","--exclusive"]'``."""
+
+    def __post_init__(self) -> None:
+        require(self.gpus_per_node >= 0, "launch.slurm.gpus_per_node must be >= 0")
+        require(self.stop_signal_seconds >= 0, "launch.slurm.stop_signal_seconds must be >= 0")
+        require(self.time_minutes is None or self.time_minutes >= 1, "launch.slurm.time_minutes must be >= 1")
+        require(all(arg.startswith("--") for arg in self.sbatch_args),
+                "launch.slurm.sbatch_args takes options as sbatch spells them, e.g. [\"--qos=high\"]")
+
+
+@dataclass
 class LaunchConfig:
     """How ``python -m bloomtrain.launch`` starts the per-rank trainers."""
 
     processes: int | None = None
-    """Processes to start; null: tensor x pipeline x data, where data=auto fills the visible GPUs (1 on CPU)."""
+    """Processes to start on all nodes together; null: tensor x pipeline x data, where data=auto fills the
+    visible GPUs (1 on CPU), or under launcher=slurm launch.slurm.gpus_per_node on every node."""
+    nodes: int = 1
+    """Machines the processes are spread over (evenly); more than one needs launcher=slurm or
+    launch.rendezvous."""
+    rendezvous: str | None = None
+    """HOST:PORT of torchrun's c10d rendezvous when several machines each run ``bloomtrain.launch``
+    (the SLURM job sets it); null: this machine only."""
+    slurm: SlurmLaunchConfig = field(default_factory=SlurmLaunchConfig)
     dry_run: bool = False
     """Print the plan and the command, start nothing."""
     stop_grace_seconds: int = 600
@@ -238,6 +280,11 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         require(self.processes is None or self.processes >= 1, "launch.processes must be >= 1 or null")
+        require(self.nodes >= 1, "launch.nodes must be >= 1")
+        require(self.processes is None or self.processes % self.nodes == 0,
+                f"launch.processes={self.processes} must divide evenly over launch.nodes={self.nodes}")
+        require(self.rendezvous is None or ":" in self.rendezvous,
+                f"launch.rendezvous={self.rendezvous!r} must be HOST:PORT")
         require(self.stop_grace_seconds >= 1, "launch.stop_grace_seconds must be >= 1")
 
 
@@ -255,7 +302,7 @@ class BloomTrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     launcher: str = "local"
-    """local (torchrun on this machine); SLURM submission is not available yet."""
+    """local (torchrun on this machine) | slurm (an sbatch job that requeues itself after a stop; launch.slurm.*)."""
 
     def __post_init__(self) -> None:
         require(
@@ -263,9 +310,11 @@ class BloomTrainConfig:
             f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={self.train.micro_batch_size}; make it one",
         )
-        require(self.launcher == "local",
-                 f"launcher={self.launcher!r}: only launcher=local (torchrun on this machine) is available; "
-                 "on a SLURM cluster run one torchrun per node inside your allocation (docs/parallelism.md)")
+        require(self.launcher in ("local", "slurm"),
+                f"launcher={self.launcher!r} is not local (torchrun on this machine) or slurm (sbatch)")
+        require(self.launcher == "slurm" or self.launch.nodes == 1 or self.launch.rendezvous,
+                f"launch.nodes={self.launch.nodes} needs launcher=slurm, or launch.rendezvous=HOST:PORT "
+                "with bloomtrain.launch started on every node")
         decay_steps = self.optimizer.decay_steps or self.train.max_steps
         require(
             self.optimizer.warmup_steps < decay_steps,

@@ -33,7 +33,22 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config", c
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(_explain(error, schema)) from None
+        raise ConfigError(_unparsable(overrides) or _explain(error, schema)) from None
+
+
+def _unparsable(overrides: Sequence[str]) -> str | None:
+    """Hydra's grammar error does not say which override broke it; find the first that does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException as error:
+            key = override.split("=", 1)[0]
+            return (f"cannot read the override '{override}' ({str(error).splitlines()[0]}); quote values "
+                    f"holding '=', ',', spaces or brackets for Hydra, e.g. '{key}=[\"--a=b\"]'")
+    return None
 
 
 def load_config(overrides: Sequence[str] = ()) -> BloomTrainConfig:

@@ -2,7 +2,8 @@
 
 A lone ``python -m bloomtrain.train`` still forms a process group (a world of one), because
 megatron-core's datasets and parallel layers ask ``torch.distributed`` for ranks. Under ``torchrun``
-or ``srun`` the usual RANK / WORLD_SIZE / MASTER_* variables are used as given.
+the usual RANK / WORLD_SIZE / MASTER_* variables are used as given; under a bare ``srun`` they are
+made from SLURM's (``bloomtrain.slurm.rank_environment``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def prepare_environment() -> int:
+    """Make sure RANK / WORLD_SIZE / MASTER_* are set (from SLURM's variables under a bare srun, a world
+    of one when run alone); returns the world size."""
+    if "RANK" not in os.environ:
+        from bloomtrain.slurm import rank_environment
+
+        os.environ.update(rank_environment() or dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())))
+    return int(os.environ["WORLD_SIZE"])
+
+
 def init_distributed(device_preference: str = "auto") -> DistributedContext:
     """Join (or, run alone, create) the default process group: NCCL on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    prepare_environment()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_preference == "auto" else device_preference == "cuda"

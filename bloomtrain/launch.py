@@ -4,6 +4,8 @@ Reads the same config as ``bloomtrain.train``, works out how many processes the 
 (tensor x pipeline x data; ``parallel.data=auto`` fills the visible GPUs, or is 1 on a CPU machine,
 unless ``launch.processes`` says otherwise) and starts them with torchrun on this machine, every
 override passed on unchanged. ``launch.dry_run=true`` prints the plan and starts nothing.
+``launcher=slurm`` instead writes and submits a SLURM job that runs this launcher on every node
+(``bloomtrain/slurm.py``); with ``launch.rendezvous=HOST:PORT`` the nodes' torchruns meet there.
 
 SIGTERM or SIGUSR1 sent to the launcher reaches every rank through torchrun (which is told to pass
 SIGUSR1 on too, and to give the ranks ``launch.stop_grace_seconds`` to save); when the ranks stopped
@@ -13,6 +15,7 @@ with a checkpoint, the launcher exits with their status, 75, so a job script can
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,22 +31,42 @@ from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, STOP_SIGNALS
 
 
 def process_count(config: BloomTrainConfig) -> int:
-    parallel = config.parallel
+    """All ranks of the run, over every node."""
+    parallel, launch = config.parallel, config.launch
     model_parallel = parallel.tensor * parallel.pipeline
-    if config.launch.processes is not None:
-        return config.launch.processes
+    if launch.processes is not None:
+        return launch.processes
     if parallel.data != "auto":
-        return model_parallel * int(parallel.data)
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return max(devices // model_parallel, 1) * model_parallel
+        total = model_parallel * int(parallel.data)
+    else:
+        if config.launcher == "slurm":
+            per_node = launch.slurm.gpus_per_node
+            if not per_node:
+                raise ConfigError("launcher=slurm with parallel.data=auto needs launch.slurm.gpus_per_node "
+                                  "(GPU nodes), or parallel.data / launch.processes (CPU nodes)")
+        else:
+            per_node = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        total = max(per_node * launch.nodes // model_parallel, 1) * model_parallel
+    if total % launch.nodes:
+        raise ConfigError(f"{total} processes do not divide evenly over launch.nodes={launch.nodes}; "
+                          "change parallel.data or launch.nodes")
+    return total
 
 
-def torchrun_command(processes: int, overrides: list[str], stop_grace_seconds: int = 600) -> list[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(port),
+def torchrun_command(processes: int, overrides: list[str], stop_grace_seconds: int = 600, nodes: int = 1,
+                     rendezvous: str | None = None) -> list[str]:
+    """torchrun for this machine's share (``processes / nodes``) of the ranks."""
+    if rendezvous:
+        # The same id on every node (the SLURM job, requeues included) lets their torchruns find each other.
+        run_id = os.environ.get("SLURM_JOB_ID", "bloomtrain")
+        where = ["--nnodes", str(nodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", rendezvous,
+                 "--rdzv_id", run_id]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        where = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes // nodes), *where,
             "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
             "--shutdown_timeout", str(stop_grace_seconds), "-m", "bloomtrain.train", *overrides]
 
@@ -83,17 +106,41 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"bloomtrain.launch: config error: {error}", file=sys.stderr)
         return 2
-    command = torchrun_command(processes, overrides, config.launch.stop_grace_seconds)
-    print(f"bloomtrain.launch: {processes} processes = tensor {layout.tensor} x pipeline {layout.pipeline} x "
-          f"data {layout.data} (ZeRO {layout.zero_stage}), run directory {config.run.dir}", flush=True)
-    if config.launch.dry_run:
-        print(" ".join(command))
+    launch = config.launch
+    plan = (f"{processes} processes = tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data} "
+            f"(ZeRO {layout.zero_stage}) on {launch.nodes} node{'s' if launch.nodes > 1 else ''}, "
+            f"run directory {config.run.dir}")
+    if config.launcher == "slurm":
+        return _submit_to_slurm(config, overrides, processes, plan)
+    command = torchrun_command(processes, overrides, launch.stop_grace_seconds, launch.nodes, launch.rendezvous)
+    print(f"bloomtrain.launch: {plan}", flush=True)
+    if launch.dry_run:
+        print(shlex.join(command))
         return 0
     env = dict(os.environ)
     if not torch.cuda.is_available():
-        # CPU ranks share the machine's cores: split them instead of letting each rank take them all.
-        env.setdefault("OMP_NUM_THREADS", str(max((os.cpu_count() or 1) // processes, 1)))
+        # CPU ranks share the machine's (or the SLURM task's) cores: split them instead of each taking all.
+        cores = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+        env.setdefault("OMP_NUM_THREADS", str(max(cores // (processes // launch.nodes), 1)))
     return run_forwarding_stops(command, env, Path(config.run.dir))
+
+
+def _submit_to_slurm(config: BloomTrainConfig, overrides: list[str], processes: int, plan: str) -> int:
+    from bloomtrain import slurm
+
+    if config.launch.dry_run:
+        print(f"bloomtrain.launch: would submit a SLURM job: {plan}; its script:", flush=True)
+        print(slurm.job_script(config, overrides, processes))
+        return 0
+    try:
+        job_id = slurm.submit(config, overrides, processes)
+    except ConfigError as error:
+        print(f"bloomtrain.launch: {error}", file=sys.stderr)
+        return 2
+    log = Path(config.run.dir).resolve() / slurm.JOB_DIR / f"{job_id}.out"
+    print(f"bloomtrain.launch: submitted SLURM job {job_id}: {plan}\n  log: {log}\n  follow: squeue -j {job_id}"
+          f"; stop with a checkpoint: scancel --signal=USR1 --batch {job_id}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

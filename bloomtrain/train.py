@@ -31,13 +31,13 @@ config keys:
 
 def build_trainer(config):
     """Validate the layout (before any process group exists), form the groups, build the trainer."""
-    from bloomtrain.distributed import init_distributed
+    from bloomtrain.distributed import init_distributed, prepare_environment
     from bloomtrain.parallel.cpu import apply_cpu_accommodations
     from bloomtrain.parallel.groups import init_parallel_groups
     from bloomtrain.parallel.layout import resolve_layout
     from bloomtrain.trainer import Trainer, seed_everything
 
-    layout = resolve_layout(config, int(os.environ.get("WORLD_SIZE", "1")))
+    layout = resolve_layout(config, prepare_environment())
     if layout.sequence_parallel:
         # megatron-core overlaps sequence-parallel all-gathers with compute only when CUDA runs kernels
         # in issue order; it must be set before the CUDA context exists.

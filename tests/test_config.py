@@ -76,6 +76,7 @@ def test_overrides_apply():
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10"),
     (["train.max_steps=10", "optimizer.warmup_steps=10"], "optimizer.warmup_steps=10"),
     (["parallel.data=two"], "parallel.data"),
+    (["run.name=a", "launch.slurm.sbatch_args=[--qos=high]"], "override 'launch.slurm.sbatch_args=[--qos=high]'"),
 ])
 def test_bad_values_name_the_key(overrides, expected):
     with pytest.raises(ConfigError) as error:
