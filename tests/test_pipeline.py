@@ -195,25 +195,57 @@ def test_one_big_file_read_in_byte_ranges_gives_the_same_tokens(corpus, one_work
     assert cleaned(ours) == cleaned(reference)
 
 
+def _slurm_idle(timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, check=True).stdout.strip():
+        assert time.monotonic() < deadline, "SLURM jobs still queued or running"
+        time.sleep(1)
+
+
 def test_slurm_executor_on_a_real_cluster(corpus, local_slurm, tmp_path):
-    """Every stage as sbatch job arrays on a one-node SLURM (each task a SLURM job): the same bytes as a
-    local run. Three of the eight files keep the number of jobs (each a Python start-up) small."""
+    """On a one-node SLURM, every stage is submitted at once as sbatch job arrays chained by afterok
+    dependencies; with executor.wait=false the command returns at once and the cluster alone runs the
+    stages in order and the report, ending with the same bytes as a local run. Three of the eight files
+    keep the number of jobs (each a Python start-up) small."""
     raw = tmp_path / "raw"
     raw.mkdir()
     for path in sorted(corpus[0].glob("part-*.jsonl"))[:3]:
         (raw / path.name).write_bytes(path.read_bytes())
     _pipeline(raw, tmp_path / "local")
     target = tmp_path / "slurm"
-    _pipeline(raw, target, "executor=slurm", f"executor.partition={local_slurm}", "executor.workers=2",
-              "executor.mem_gb=2")
+    on_slurm = ("executor=slurm", f"executor.partition={local_slurm}", "executor.workers=2", "executor.mem_gb=2")
+    submitted = _pipeline(raw, target, *on_slurm, "executor.wait=false")
+    assert "submitted, each after the one before: clean" in submitted.stdout
+    assert not (target / "blend.json").exists()  # nothing has run yet
+    job_ids = json.loads((target / "work" / "slurm" / "submitted.json").read_text())["jobs"]
+    assert len(job_ids) == 7  # six stages and the report
+
+    refused = _pipeline(raw, target, *on_slurm, check=False)  # while those jobs are queued or running
+    assert refused.returncode == 2 and "still being processed by SLURM jobs" in refused.stderr
+
+    _slurm_idle()
     assert _tree_bytes(target) == _tree_bytes(tmp_path / "local")
-    job_folders = list((target / "work" / "slurm").iterdir())
-    assert len(job_folders) >= 6  # one array per stage, each with its tasks' logs
-    # Results arrive before the last job's process has exited; every job must then end on its own.
-    deadline = time.monotonic() + 60
-    while subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, check=True).stdout.strip():
-        assert time.monotonic() < deadline, "SLURM jobs still running a minute after the pipeline finished"
-        time.sleep(1)
+    assert json.loads((target / "report" / "report.json").read_text()) == \
+        json.loads((tmp_path / "local" / "report" / "report.json").read_text())
+
+
+def test_a_failed_task_names_itself_and_on_slurm_cancels_the_later_stages(corpus, local_slurm, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "part-00000.jsonl").write_bytes(sorted(corpus[0].glob("part-*.jsonl"))[0].read_bytes())
+    too_big = "tokenizer.vocab_size=200000"  # sentencepiece refuses it for so little text
+    local = _pipeline(raw, tmp_path / "local", too_big, check=False)
+    assert local.returncode == 1 and "stage tokenizer, task 0 failed" in local.stderr
+    assert "Vocabulary size too high" in local.stderr
+
+    target = tmp_path / "slurm"
+    failed = _pipeline(raw, target, too_big, "executor=slurm", f"executor.partition={local_slurm}", check=False)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    message = failed.stderr[failed.stderr.index("stage tokenizer, task 0 failed on SLURM"):]
+    assert "Vocabulary size too high" in message and "log " in message
+    _slurm_idle(60)  # tokenize and merge were cancelled by SLURM, not left pending
+    done = {path.name.split("-")[0] for path in (target / "work" / "done").iterdir()}
+    assert done == {"clean", "dedup", "split"} and not (target / "tokens").exists()
 
 
 def test_bad_config_and_missing_input_stop_before_work(tmp_path):

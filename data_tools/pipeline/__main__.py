@@ -6,6 +6,7 @@ import sys
 
 from bloomtrain.config import ConfigError
 from data_tools.pipeline.config import load_pipeline_config
+from data_tools.pipeline.stages import TaskFailed
 from data_tools.steps.read import InputError
 
 
@@ -19,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as error:
         print(f"data_tools.pipeline: {error}", file=sys.stderr)
         return 2
+    except TaskFailed as error:
+        print(f"data_tools.pipeline: {error}", file=sys.stderr)
+        return 1
+    if config.executor.name == "slurm" and not config.executor.wait:
+        return 0  # the jobs run on; the last one writes the report
     from data_tools.pipeline.report import table, write_report
 
     report = write_report(config, len(shards))

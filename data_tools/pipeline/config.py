@@ -49,6 +49,9 @@ class ExecutorConfig:
     time_minutes: int = 60
     cpus_per_task: int = 1
     mem_gb: int = 4
+    wait: bool = True
+    """SLURM: follow the jobs to the end and print the report; false: submit every stage and return at
+    once (the stages wait for each other on the cluster; a last job writes the report)."""
 
     def __post_init__(self) -> None:
         require(self.name in ("local", "slurm"), f"executor={self.name!r} is not local or slurm")

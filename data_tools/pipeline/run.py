@@ -1,32 +1,25 @@
 """Running the stages: locally with worker processes, or on SLURM as submitit job arrays.
 
-Each stage's tasks that have no completion marker are run (``executor.workers`` at a time); the next
-stage starts when all of them are done, which is also what orders SLURM's arrays (clustering waits for
-every signature). A task leaves its marker only after its outputs are renamed into place.
+Locally, each stage's tasks that have no completion marker run ``executor.workers`` at a time, and the
+next stage starts when all of them are done. On SLURM every unfinished stage is submitted at once, each
+array depending on the one before (``pipeline/slurm.py``). A task leaves its marker only after its
+outputs are renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import traceback
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
 from data_tools.pipeline.config import PipelineConfig
-from data_tools.pipeline.stages import STAGES, Processed, marker, work_dir
+from data_tools.pipeline.stages import STAGES, Processed, TaskFailed, marker, run_task, work_dir
 from data_tools.steps.read import InputError, InputShard, expand_inputs, plan_shards
-
-STAGE_FUNCTIONS = {name: function for name, function, _ in STAGES}
-
-
-def run_task(stage: str, config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
-    """One task of one stage, then its completion marker; returns what it processed."""
-    processed = STAGE_FUNCTIONS[stage](config, task, shards)
-    done = marker(config, stage, task)
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.touch()
-    return processed
 
 
 def prepare(config: PipelineConfig) -> list[InputShard]:
@@ -44,16 +37,25 @@ def prepare(config: PipelineConfig) -> list[InputShard]:
 
 
 def run_pipeline(config: PipelineConfig, show_progress: bool = True) -> list[InputShard]:
+    """Run (or submit, with executor=slurm executor.wait=false) every unfinished task; returns the shards."""
+    from data_tools.pipeline import slurm
+
+    slurm.refuse_while_running(config)
     shards = prepare(config)
+    pending = []
     for stage, _, kind in STAGES:
         tasks = list(range(len(shards))) if kind == "per_input" else [0]
-        pending = [task for task in tasks if not marker(config, stage, task).exists()]
-        if not pending:
-            continue
-        if config.executor.name == "slurm":
-            _run_on_slurm(stage, config, pending, shards)
-        else:
-            _run_locally(stage, config, pending, shards, show_progress)
+        unfinished = [task for task in tasks if not marker(config, stage, task).exists()]
+        if unfinished:
+            pending.append((stage, unfinished))
+    if config.executor.name == "slurm":
+        if pending or not config.executor.wait:
+            submitted = slurm.submit(config, pending, shards)
+            if config.executor.wait:
+                slurm.follow(submitted)
+        return shards
+    for stage, tasks in pending:
+        _run_locally(stage, config, tasks, shards, show_progress)
     return shards
 
 
@@ -74,24 +76,21 @@ def _run_locally(stage: str, config: PipelineConfig, tasks: list[int], shards: l
 
         if config.executor.workers == 1 or len(tasks) == 1:
             for task in tasks:
-                advance(run_task(stage, config, task, shards))
+                with _naming_the_task(stage, task):
+                    advance(run_task(stage, config, task, shards))
             return
         with ProcessPoolExecutor(max_workers=min(config.executor.workers, len(tasks))) as pool:
-            futures = [pool.submit(run_task, stage, config, task, shards) for task in tasks]
+            futures = {pool.submit(run_task, stage, config, task, shards): task for task in tasks}
             for future in as_completed(futures):
-                advance(future.result())
+                with _naming_the_task(stage, futures[future]):
+                    advance(future.result())
 
 
-def _run_on_slurm(stage: str, config: PipelineConfig, tasks: list[int], shards: list[InputShard]) -> None:
-    import submitit
-
-    settings = config.executor
-    executor = submitit.AutoExecutor(folder=str(work_dir(config) / "slurm" / "%j"), cluster=settings.cluster)
-    executor.update_parameters(timeout_min=settings.time_minutes, cpus_per_task=settings.cpus_per_task,
-                               mem_gb=settings.mem_gb, slurm_array_parallelism=settings.workers,
-                               name=f"bloomtrain-data-{stage}")
-    if settings.partition and executor.cluster == "slurm":
-        executor.update_parameters(slurm_partition=settings.partition)
-    jobs = executor.map_array(run_task, [stage] * len(tasks), [config] * len(tasks), tasks, [shards] * len(tasks))
-    for job in tqdm(jobs, desc=f"{stage:9}", unit="task"):
-        job.result()  # raises with the task's own traceback if it failed
+@contextlib.contextmanager
+def _naming_the_task(stage: str, task: int) -> Iterator[None]:
+    try:
+        yield
+    except Exception as error:
+        detail = "".join(traceback.format_exception(error)).strip().splitlines()[-12:]
+        raise TaskFailed(f"stage {stage}, task {task} failed; fix the cause and rerun the same command "
+                         "(finished tasks are kept):\n" + "\n".join(detail)) from error

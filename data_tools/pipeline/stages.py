@@ -286,3 +286,17 @@ def _without_forced_garbage_collection():
 
 STAGES = [("clean", clean, "per_input"), ("dedup", dedup, "once"), ("split", split, "per_input"),
           ("tokenizer", tokenizer, "once"), ("tokenize", tokenize, "per_input"), ("merge", merge, "once")]
+
+
+class TaskFailed(RuntimeError):
+    """A stage's task failed; the message names it, where to look, and the way on (rerun: finished tasks
+    are kept)."""
+
+
+def run_task(stage: str, config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
+    """One task of one stage, then its completion marker; returns what it processed."""
+    processed = dict((name, function) for name, function, _ in STAGES)[stage](config, task, shards)
+    done = marker(config, stage, task)
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.touch()
+    return processed
