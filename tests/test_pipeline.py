@@ -197,7 +197,8 @@ def test_one_big_file_read_in_byte_ranges_gives_the_same_tokens(corpus, one_work
 
 def _slurm_idle(timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while subprocess.run(["squeue", "--noheader"], capture_output=True, text=True, check=True).stdout.strip():
+    while (listed := subprocess.run(["squeue", "--noheader"], capture_output=True, text=True)).returncode \
+            or listed.stdout.strip():  # a busy controller may not answer at once: asked again
         assert time.monotonic() < deadline, "SLURM jobs still queued or running"
         time.sleep(1)
 
@@ -227,6 +228,27 @@ def test_slurm_executor_on_a_real_cluster(corpus, local_slurm, tmp_path):
     assert _tree_bytes(target) == _tree_bytes(tmp_path / "local")
     assert json.loads((target / "report" / "report.json").read_text()) == \
         json.loads((tmp_path / "local" / "report" / "report.json").read_text())
+
+
+def test_a_rerun_that_cannot_ask_slurm_refuses_to_start(local_slurm, tmp_path, monkeypatch):
+    """Jobs recorded for this output and a controller that does not answer: no guess, one clear line."""
+    from data_tools.pipeline.config import load_pipeline_config
+    from data_tools.pipeline.slurm import refuse_while_running
+    from data_tools.steps.read import InputError
+
+    config = load_pipeline_config([f"input.paths=[{tmp_path}/*.jsonl]", f"output.dir={tmp_path / 'out'}",
+                                   "executor=slurm"])
+    record = tmp_path / "out" / "work" / "slurm" / "submitted.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"jobs": ["999999"]}))
+    refuse_while_running(config)  # the real controller: job 999999 is not running, so a rerun goes ahead
+
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text()
+    unreachable = tmp_path / "slurm.conf"  # the same cluster behind a port nothing listens on
+    unreachable.write_text(conf + "SlurmctldPort=9\nMessageTimeout=1\nTCPTimeout=1\n")
+    monkeypatch.setenv("SLURM_CONF", str(unreachable))
+    with pytest.raises(InputError, match="squeue cannot tell whether they still run .*controller"):
+        refuse_while_running(config)
 
 
 def test_a_failed_task_names_itself_and_on_slurm_cancels_the_later_stages(corpus, local_slurm, tmp_path):

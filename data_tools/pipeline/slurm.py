@@ -34,6 +34,9 @@ def refuse_while_running(config: PipelineConfig) -> None:
         listed = subprocess.run(["squeue", "--noheader", "--format=%F"], capture_output=True, text=True, timeout=60)
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return  # no SLURM here (a local run of a directory once processed on a cluster)
+    if listed.returncode:
+        raise InputError(f"output.dir={config.output.dir} was processed by SLURM jobs, and squeue cannot tell "
+                         f"whether they still run ({listed.stderr.strip()}); rerun when the controller answers")
     active = set(listed.stdout.split()) & set(json.loads(record.read_text())["jobs"])
     if active:
         jobs = ",".join(sorted(active))
