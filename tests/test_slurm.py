@@ -102,11 +102,14 @@ def test_slurm_job_stops_on_the_time_limit_signal_requeues_and_resumes_exactly(
         time.sleep(0.2)
     # What --signal=B:USR1@300 does ahead of the time limit, sent now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    hold_lifted = False
     while (job := _job(job_id))["JobState"] not in FINAL_STATES or job["Restarts"] == "0":
         assert time.monotonic() < deadline, f"job {job_id} still {job['JobState']}:\n{log.read_text()}"
-        if (job["JobState"], job["Reason"]) == ("PENDING", "BeginTime"):
-            # requeued: SLURM holds it ~2 minutes; start it now instead
-            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True)
+        if (job["JobState"], job["Reason"]) == ("PENDING", "BeginTime") and not hold_lifted:
+            # Requeued: SLURM holds it ~2 minutes; start it in 3 s instead. Not at once: slurmd refuses a
+            # job credential issued in the same second as the one the requeue revoked.
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now+3"], check=True)
+            hold_lifted = True
         time.sleep(0.5)
 
     text = log.read_text()
