@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_tools.pipeline.config import load_pipeline_config
+from data_tools.pipeline.slurm import refuse_while_running
 from data_tools.sample import SAMPLE_CORPUS
+from data_tools.steps.read import InputError
 from tests.conftest import REPO, run_train
 
 SHARDS = 8
@@ -197,8 +200,11 @@ def test_one_big_file_read_in_byte_ranges_gives_the_same_tokens(corpus, one_work
 
 def _slurm_idle(timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while (listed := subprocess.run(["squeue", "--noheader"], capture_output=True, text=True)).returncode \
-            or listed.stdout.strip():  # a busy controller may not answer at once: asked again
+    while True:
+        listed = subprocess.run(["squeue", "--noheader"], capture_output=True, text=True)
+        if listed.returncode == 0 and not listed.stdout.strip():
+            return
+        # Jobs still listed, or a busy controller that did not answer this time: asked again.
         assert time.monotonic() < deadline, "SLURM jobs still queued or running"
         time.sleep(1)
 
@@ -232,10 +238,6 @@ def test_slurm_executor_on_a_real_cluster(corpus, local_slurm, tmp_path):
 
 def test_a_rerun_that_cannot_ask_slurm_refuses_to_start(local_slurm, tmp_path, monkeypatch):
     """Jobs recorded for this output and a controller that does not answer: no guess, one clear line."""
-    from data_tools.pipeline.config import load_pipeline_config
-    from data_tools.pipeline.slurm import refuse_while_running
-    from data_tools.steps.read import InputError
-
     config = load_pipeline_config([f"input.paths=[{tmp_path}/*.jsonl]", f"output.dir={tmp_path / 'out'}",
                                    "executor=slurm"])
     record = tmp_path / "out" / "work" / "slurm" / "submitted.json"
