@@ -63,14 +63,14 @@ def main() -> None:
     import torch
 
     from bloomtrain.checkpoint.manager import CheckpointManager
-    from bloomtrain.checkpoint.store import TrainingProgress, read_meta
-    from bloomtrain.config_loader import load_config
+    from bloomtrain.checkpoint.store import TrainingProgress
+    from bloomtrain.config_loader import load_config, to_yaml
     from bloomtrain.data.blend import read_blend
     from bloomtrain.distributed import init_distributed, shutdown_distributed
     from bloomtrain.parallel.cpu import apply_cpu_accommodations
-    from bloomtrain.parallel.engine import TrainingEngine
     from bloomtrain.parallel.groups import init_parallel_groups
     from bloomtrain.parallel.layout import resolve_layout
+    from bloomtrain.trainer import build_engine
     from data_tools.sample import prepare_sample
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bloomtrain-ckpt-bench-"))
@@ -81,10 +81,9 @@ def main() -> None:
     apply_cpu_accommodations()
     context = init_distributed("cpu")
     init_parallel_groups(layout)
-    engine = TrainingEngine(config.model, config.train, config.optimizer, layout, context.device)
     tokenizer = read_blend(prepare_sample(config.data.cache_dir)).tokenizer
-    manager = CheckpointManager(config, {"tensor": 1, "pipeline": 1, "data": 1, "zero_stage": 1},
-                                engine.padded_vocab_size, tokenizer)
+    manager = CheckpointManager(config.checkpoint, root / "run", layout, config.model, tokenizer, to_yaml(config))
+    engine, scheduler = build_engine(config, layout, context.device, manager.plan_resume())
     parameters = sum(p.numel() for p in engine.module.parameters())
     # One optimizer step so Adam's moments exist and the checkpoint has its full size.
     train = config.train
@@ -95,14 +94,14 @@ def main() -> None:
     cold = False
     for repeat in range(args.repeats):
         started = time.perf_counter()
-        checkpoint = manager.save(engine.engine, TrainingProgress(step=repeat + 1), {"scheduler": {}})
+        checkpoint = manager.save(engine.engine, scheduler, TrainingProgress(step=repeat + 1))
         saves.append(time.perf_counter() - started)
         sizes = [p.stat().st_size for p in checkpoint.rglob("*") if p.is_file()]
         cold = drop_page_cache()
         started = time.perf_counter()
-        assert manager.resume_point() == checkpoint
-        read_meta(checkpoint)
-        manager.load(engine.engine, checkpoint, universal=False)
+        plan = manager.plan_resume()  # verifies the manifest's checksums, reads meta.json
+        assert plan.checkpoint == checkpoint and not plan.universal
+        manager.restore(plan, engine.engine, scheduler)
         loads.append(time.perf_counter() - started)
         written, read = raw_write_read(root / "raw", sizes)
         raw_writes.append(written)

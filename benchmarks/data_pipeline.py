@@ -231,7 +231,7 @@ def tokenize_side_by_side(out: Path, overrides: list[str]) -> None:
     from data_tools.pipeline.config import load_pipeline_config
     from data_tools.pipeline.run import run_pipeline
     from data_tools.pipeline.stages import marker
-    from data_tools.sample import token_dtype
+    from data_tools.token_files import token_dtype
 
     cleaned = sorted((out / "cleaned").glob("*.jsonl"))
     cleaned_mb = sum(p.stat().st_size for p in cleaned) / 1e6

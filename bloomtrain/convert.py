@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from bloomtrain.checkpoint.store import TOKENIZER_DIR
 from bloomtrain.config import ModelConfig
 from bloomtrain.data.tokenizer import TokenEncoder, find_tokenizer, install_tokenizer
 from bloomtrain.model import Bloom, build_model
+
+logger = logging.getLogger(__name__)
 
 HF_PREFIX = "transformer."
 EMBEDDING = "word_embeddings.weight"
@@ -129,8 +132,8 @@ def from_hf_to_checkpoint(hf_dir: str | Path, out_dir: str | Path) -> Path:
         tokenizer = find_tokenizer(hf_dir)
     except ValueError:
         tokenizer = None
-        print(f"bloomtrain.convert: {hf_dir} has no tokenizer.json; the checkpoint cannot check that the "
-              "training data uses the model's tokenizer", file=sys.stderr)
+        logger.warning("%s has no tokenizer.json; the checkpoint cannot check that the training data uses the "
+                       "model's tokenizer", hf_dir)
     return write_model_only_checkpoint(Path(out_dir), model, model.config, tokenizer)
 
 
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("src")
         sub.add_argument("dst")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="bloomtrain.convert: %(message)s")
     try:
         if args.command == "to-hf":
             written = to_hf(args.src, args.dst)

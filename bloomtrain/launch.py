@@ -27,6 +27,7 @@ import torch
 
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import load_config
+from bloomtrain.parallel.cpu import threads_per_rank
 from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, STOP_SIGNALS
 
 
@@ -118,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join(command))
         return 0
     env = dict(os.environ)
-    if not torch.cuda.is_available():
-        # CPU ranks share the machine's (or the SLURM task's) cores: split them instead of each taking all.
-        cores = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
-        env.setdefault("OMP_NUM_THREADS", str(max(cores // (processes // launch.nodes), 1)))
+    threads = threads_per_rank(processes // launch.nodes,
+                               int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1))
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
     return run_forwarding_stops(command, env, Path(config.run.dir))
 
 

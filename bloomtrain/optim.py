@@ -1,6 +1,6 @@
-"""BLOOM's weight-decay groups for AdamW and megatron-core's warm-up + decay LR schedule.
-
-The AdamW itself is built with the DeepSpeed engine (``bloomtrain/parallel/engine.py``).
+"""The optimizer and LR schedule from their config slices: AdamW with BLOOM's weight-decay groups
+(clipping by the global norm where DeepSpeed does not clip, see ``parallel/clipping.py``) and
+megatron-core's warm-up + decay schedule. DeepSpeed's engine wraps the optimizer (``parallel/engine.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from torch import nn
 
 from bloomtrain.config import OptimizerConfig
+from bloomtrain.parallel.clipping import AdamWWithGlobalClipping, deepspeed_clips
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:
@@ -22,6 +23,15 @@ def parameter_groups(model: nn.Module) -> list[dict]:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig, precision: str,
+                    zero_stage: int) -> torch.optim.Optimizer:
+    """AdamW over ``model``'s decay groups; it clips by the global norm itself when DeepSpeed does not."""
+    adam = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=config.weight_decay)
+    if deepspeed_clips(precision, zero_stage):
+        return torch.optim.AdamW(parameter_groups(model), **adam)
+    return AdamWWithGlobalClipping(parameter_groups(model), config.grad_clip, **adam)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig,

@@ -1,4 +1,8 @@
-"""The live progress line of a training run (rank 0): a rich bar on a terminal, plain lines otherwise."""
+"""What the person running a job sees on stdout (rank 0): the live progress line (a rich bar on a
+terminal, plain lines otherwise), one-line notices and the closing summary.
+
+Diagnostics for the log (what was loaded, converted, removed) go through ``logging`` to stderr instead.
+"""
 
 from __future__ import annotations
 
@@ -52,3 +56,14 @@ class StepProgress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def notify(message: str) -> None:
+    """A line for the person running the job: something happened that changes what they should expect."""
+    print(f"bloomtrain: {message}", flush=True)
+
+
+def print_summary(rows: dict[str, str]) -> None:
+    """The closing lines of a run: where its outputs are."""
+    width = max(len(name) for name in rows)
+    print("\n".join(f"{name:<{width}} : {value}" for name, value in rows.items()), flush=True)

@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
+from typing import TYPE_CHECKING
 
 from bloomtrain.checkpoint.store import CheckpointError
-from bloomtrain.config import ConfigError
+from bloomtrain.config import BloomTrainConfig, ConfigError, DataConfig
 from bloomtrain.config_loader import describe_keys, load_config, to_yaml
 from bloomtrain.distributed import shutdown_distributed
+from bloomtrain.parallel.cpu import apply_cpu_accommodations
+
+if TYPE_CHECKING:
+    from bloomtrain.data.blend import Blend
 
 USAGE = """usage: python -m bloomtrain.train [key=value ...] [group=name ...]
 
@@ -29,10 +33,32 @@ config keys:
 """
 
 
-def build_trainer(config):
+def resolve_blend(data: DataConfig, is_main: bool) -> Blend:
+    """The run's blend: ``data.blend``, or with none the bundled sample, prepared on first use.
+
+    The sample is the entry point's business: preparing it trains a tokenizer with the data tools,
+    which the ``bloomtrain`` library itself never imports.
+    """
+    from bloomtrain.data.blend import read_blend
+
+    if data.blend is None:
+        from data_tools.sample import prepare_sample
+
+        if is_main:
+            logging.getLogger(__name__).info("no data.blend given: using the bundled multilingual sample "
+                                             "(cached in %s)", data.cache_dir)
+        return read_blend(prepare_sample(data.cache_dir))
+    try:
+        return read_blend(data.blend)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def build_trainer(config: BloomTrainConfig):
     """Validate the layout (before any process group exists), form the groups, build the trainer."""
+    apply_cpu_accommodations()  # first: megatron-core warns at import time
     from bloomtrain.distributed import init_distributed, prepare_environment
-    from bloomtrain.parallel.cpu import apply_cpu_accommodations
+    from bloomtrain.parallel.engine import check_precision_supported
     from bloomtrain.parallel.groups import init_parallel_groups
     from bloomtrain.parallel.layout import resolve_layout
     from bloomtrain.trainer import Trainer, seed_everything
@@ -42,11 +68,11 @@ def build_trainer(config):
         # megatron-core overlaps sequence-parallel all-gathers with compute only when CUDA runs kernels
         # in issue order; it must be set before the CUDA context exists.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    apply_cpu_accommodations()
     context = init_distributed(config.train.device)
+    check_precision_supported(config.train.precision)
     init_parallel_groups(layout)
     seed_everything(config.train.seed)
-    return Trainer(config, context, layout)
+    return Trainer(config, context, layout, resolve_blend(config.data, context.is_main))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(to_yaml(config))
             return 0
-        # megatron-core warns at import that Transformer Engine/Apex are absent; its torch fallbacks are
-        # what we use on CPU, so the warning is noise there.
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         trainer = build_trainer(config)  # heavy imports only once the config is known to be good
     except ConfigError as error:
         print(f"bloomtrain: config error: {error}", file=sys.stderr)

@@ -1,6 +1,10 @@
 """The training loop: build everything from the config, resume if the run directory has a checkpoint,
 then step until ``train.max_steps``, logging every step and checkpointing every ``checkpoint.interval``.
 
+Building follows one order: the checkpoint manager decides what the run starts from (``plan_resume``),
+the model is built for the layout from that plan (``parallel/parallelize.py``), then the optimizer, the
+DeepSpeed engine and the LR schedule, and ``restore`` fills them and returns where training stands.
+
 Every rank runs this file; rank 0 alone writes the config, the metrics and the progress line.
 """
 
@@ -8,32 +12,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from bloomtrain.checkpoint import TrainingProgress, latest_checkpoint, read_model_weights
-from bloomtrain.checkpoint.manager import CheckpointManager
+from bloomtrain.checkpoint import latest_checkpoint
+from bloomtrain.checkpoint.manager import CheckpointManager, ResumePlan
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
-from bloomtrain.data.blend import Blend, read_blend
+from bloomtrain.data.blend import Blend
 from bloomtrain.data.loader import BatchLayout, build_train_dataset, load_tokenizer, step_batches
 from bloomtrain.distributed import DistributedContext
 from bloomtrain.flops import model_flops_per_step, peak_flops
 from bloomtrain.metrics import MetricsLogger
-from bloomtrain.optim import build_scheduler
+from bloomtrain.optim import build_optimizer, build_scheduler
 from bloomtrain.parallel.engine import TrainingEngine
 from bloomtrain.parallel.layout import ParallelLayout
+from bloomtrain.parallel.parallelize import build_parallel_model
 from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, StopRequests
-from bloomtrain.progress import StepProgress
-
-logger = logging.getLogger(__name__)
+from bloomtrain.progress import StepProgress, notify, print_summary
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,9 +46,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_engine(config: BloomTrainConfig, layout: ParallelLayout, device: torch.device,
+                 resume: ResumePlan) -> tuple[TrainingEngine, OptimizerParamScheduler]:
+    """This rank's model for the layout, its optimizer, the DeepSpeed engine and the LR schedule, shaped
+    by what the run resumes from (padded vocabulary, initial weights, a universal checkpoint)."""
+    model = build_parallel_model(config.model, layout, device, config.train.seed, resume.padded_vocab_size,
+                                 config.parallel.activation_checkpointing, resume.initial_weights())
+    optimizer = build_optimizer(model, config.optimizer, config.train.precision, layout.zero_stage)
+    engine = TrainingEngine(model, optimizer, config.train, config.optimizer.grad_clip, layout, resume.universal)
+    return engine, build_scheduler(engine.optimizer, config.optimizer, config.train.max_steps)
+
+
 class Trainer:
-    def __init__(self, config: BloomTrainConfig, context: DistributedContext, layout: ParallelLayout) -> None:
-        self.config, self.context, self.layout = config, context, layout
+    def __init__(self, config: BloomTrainConfig, context: DistributedContext, layout: ParallelLayout,
+                 blend: Blend) -> None:
+        self.config, self.context, self.layout, self.blend = config, context, layout, blend
         train = config.train
         self.stops = StopRequests(train.exit_duration_minutes)
         self.run_dir = Path(config.run.dir)
@@ -55,46 +69,22 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(config))
 
-        self.blend = self._resolve_blend()
-        self.tokenizer = load_tokenizer(self.blend.tokenizer)
+        self.tokenizer = load_tokenizer(blend.tokenizer)
         if self.tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
                 f"{config.model.vocab_size}; set model.vocab_size>={self.tokenizer.vocab_size}")
-        self.progress = TrainingProgress()
-        self.checkpoints = CheckpointManager(config, {
-            "tensor": layout.tensor, "pipeline": layout.pipeline, "data": layout.data,
-            "zero_stage": layout.zero_stage}, config.model.padded_vocab_size(layout.tensor),
-            self.blend.tokenizer)
-        checkpoint = self.checkpoints.resume_point()
-        meta = self.checkpoints.check_compatible(checkpoint) if checkpoint is not None else None
-        universal = meta is not None and self.checkpoints.needs_universal(meta)
-        if meta is not None and meta.padded_vocab_size:
-            self.checkpoints.padded_vocab_size = meta.padded_vocab_size  # keep the trained padding rows
-        load_from = self.checkpoints.prepare_universal(checkpoint) if universal else checkpoint
 
-        self.engine = TrainingEngine(config.model, train, config.optimizer, layout, context.device,
-                                     config.parallel.activation_checkpointing,
-                                     padded_vocab_size=self.checkpoints.padded_vocab_size,
-                                     load_universal=universal,
-                                     initial_weights=read_model_weights(checkpoint) if meta and meta.weights_only
-                                     else None)
-        self.scheduler = build_scheduler(self.engine.optimizer, config.optimizer, train.max_steps)
-        if meta is not None and not meta.weights_only:
-            client_state = self.checkpoints.load(self.engine.engine, load_from, universal)
-            self.scheduler.load_state_dict(client_state["scheduler"])
-            self.progress = meta.progress
-            if context.is_main:
-                how = f" (re-sharded from {meta.layout} through a universal checkpoint)" if universal else ""
-                logger.info("resumed from %s at step %d, %d samples consumed%s", checkpoint, self.progress.step,
-                            self.progress.consumed_samples, how)
-        elif meta is not None and context.is_main:
-            logger.info("starting from the weights in %s", checkpoint)
+        self.checkpoints = CheckpointManager(config.checkpoint, self.run_dir, layout, config.model, blend.tokenizer,
+                                             run_config_yaml=to_yaml(config))
+        resume = self.checkpoints.plan_resume()
+        self.engine, self.scheduler = build_engine(config, layout, context.device, resume)
+        self.progress = self.checkpoints.restore(resume, self.engine.engine, self.scheduler)
 
         self.batch_layout = BatchLayout(train.micro_batch_size, train.global_batch_size, layout.data,
                                         parallel_state.get_data_parallel_rank())
         total_samples = train.max_steps * train.global_batch_size
-        self.dataset = build_train_dataset(self.blend, self.tokenizer, train.seq_length, total_samples,
+        self.dataset = build_train_dataset(blend, self.tokenizer, train.seq_length, total_samples,
                                            train.seed, self.run_dir / "data_index")
         self.batches = step_batches(self.dataset, self.batch_layout, self.progress.consumed_samples,
                                     total_samples, config.data.num_workers)
@@ -109,20 +99,6 @@ class Trainer:
                                          dataclasses.asdict(config), self.progress.step, self.progress.wandb_run_id)
             self.progress.wandb_run_id = self.metrics.wandb_run_id
             self.wandb_files = Path(self.metrics.wandb_dir).parent if self.metrics.wandb_dir else None
-
-    def _resolve_blend(self) -> Blend:
-        data = self.config.data
-        if data.blend is None:
-            from data_tools.sample import prepare_sample
-
-            if self.context.is_main:
-                logger.info("no data.blend given: using the bundled multilingual sample (cached in %s)",
-                            data.cache_dir)
-            return read_blend(prepare_sample(data.cache_dir))
-        try:
-            return read_blend(data.blend)
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(str(error)) from None
 
     def train(self) -> int:
         """Train to ``train.max_steps``; returns the process exit status (0, or EXIT_RESUMABLE after a stop)."""
@@ -163,8 +139,8 @@ class Trainer:
                     if self.context.is_main:
                         record = {"step": progress.step, "reason": reason, "exit_status": EXIT_RESUMABLE}
                         (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
-                        print(f"bloomtrain: stopped after step {progress.step} ({reason}); checkpoint saved, "
-                              f"exiting with status {EXIT_RESUMABLE} so the job can be requeued", flush=True)
+                        notify(f"stopped after step {progress.step} ({reason}); checkpoint saved, "
+                               f"exiting with status {EXIT_RESUMABLE} so the job can be requeued")
                     status = EXIT_RESUMABLE
                     break
         self.stops.restore()
@@ -174,15 +150,14 @@ class Trainer:
         return status
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.engine.engine, self.progress, {"scheduler": self.scheduler.state_dict()})
+        return self.checkpoints.save(self.engine.engine, self.scheduler, self.progress)
 
     def _print_summary(self) -> None:
         latest = latest_checkpoint(self.checkpoints_dir)
-        lines = [
-            f"run directory : {self.run_dir.resolve()}",
-            f"metrics       : {(self.run_dir / 'metrics.jsonl').resolve()}",
-            f"checkpoint    : {latest.resolve() if latest else '(none)'}",
-            f"W&B files     : {self.wandb_files or '(W&B disabled)'}",
-        ]
-        print("\n".join(lines), file=sys.stdout, flush=True)
+        print_summary({
+            "run directory": str(self.run_dir.resolve()),
+            "metrics": str((self.run_dir / "metrics.jsonl").resolve()),
+            "checkpoint": str(latest.resolve()) if latest else "(none)",
+            "W&B files": str(self.wandb_files or "(W&B disabled)"),
+        })
 

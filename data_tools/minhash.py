@@ -28,11 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_tools.text import NO_SPACE_LANGUAGES, POLYNOMIAL_HASH_BASE
+
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 ASCII_WHITESPACE = np.zeros(256, dtype=bool)
 ASCII_WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
-CHAR_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my", "bo"})
-WORD_BASE = np.uint64(0x100000001B3)  # odd, so invertible mod 2**64
+WORD_BASE = POLYNOMIAL_HASH_BASE
 WORD_BASE_INVERSE = np.uint64(pow(int(WORD_BASE), -1, 2**64))
 
 
@@ -49,8 +50,7 @@ class MinHashParameters:
 
     def __post_init__(self) -> None:
         if self.bands * self.rows > self.num_perm:
-            raise ValueError(f"minhash.bands x minhash.rows = {self.bands * self.rows} exceeds "
-                             f"minhash.num_perm={self.num_perm}")
+            raise ValueError(f"bands x rows = {self.bands * self.rows} exceeds num_perm={self.num_perm}")
 
     @property
     def verify(self) -> float:
@@ -156,7 +156,7 @@ class MinHasher:
         import rensa
 
         result = np.empty((len(texts), self.parameters.num_perm), dtype=np.uint32)
-        by_characters = np.array([language in CHAR_LANGUAGES for language in languages], dtype=bool)
+        by_characters = np.array([language in NO_SPACE_LANGUAGES for language in languages], dtype=bool)
         for use_characters in (False, True):
             members = np.flatnonzero(by_characters == use_characters)
             if members.size == 0:

@@ -20,6 +20,13 @@ os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start several processes or use SLURM are slow too: ``-m "not slow"`` is the fast tier."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def sample_cache(tmp_path_factory) -> Path:
     from data_tools.sample import prepare_sample

@@ -51,6 +51,7 @@ def _latest_step(run_dir: Path) -> int:
     return int(pointer.read_text().split("_")[1]) if pointer.exists() else -1
 
 
+@pytest.mark.multiprocess
 def test_sigkill_then_restart_resumes_exactly(tmp_path, sample_cache):
     steps = 16
     common = ["train.max_steps=16", "checkpoint.interval=4", "checkpoint.keep=0"]
@@ -76,6 +77,7 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, sample_cache):
         assert resumed["lr"] == pytest.approx(uninterrupted["lr"], rel=1e-9)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_saves_and_exits_75(signum, tmp_path, sample_cache):
     run_dir = tmp_path / "run"
@@ -92,6 +94,7 @@ def test_stop_signal_saves_and_exits_75(signum, tmp_path, sample_cache):
     assert not store.manifest_problems(run_dir / "checkpoints" / f"step_{last_step}")
 
 
+@pytest.mark.multiprocess
 def test_launcher_passes_the_stop_on_and_exits_75(tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "bloomtrain.launch", "launch.processes=2",
@@ -104,6 +107,7 @@ def test_launcher_passes_the_stop_on_and_exits_75(tmp_path, sample_cache):
     assert _latest_step(run_dir) == max(_losses(run_dir))
 
 
+@pytest.mark.slow
 def test_exit_duration_budget_stops_with_a_checkpoint(tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     result = run_train(_overrides(run_dir, sample_cache, "train.max_steps=300", "train.exit_duration_minutes=0.001"),
@@ -113,6 +117,7 @@ def test_exit_duration_budget_stops_with_a_checkpoint(tmp_path, sample_cache):
     assert _latest_step(run_dir) == 1
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     run_train(_overrides(run_dir, sample_cache, "train.max_steps=4", "checkpoint.interval=2",
@@ -130,6 +135,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, sample_c
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_nothing_is_unpickled_from_a_checkpoint(tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     run_train(_overrides(run_dir, sample_cache, "train.max_steps=2", "optimizer.decay_steps=4"))
@@ -168,6 +174,7 @@ def _layout(tensor: int, pipeline: int, data: int) -> list[str]:
     return [f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}", f"parallel.data={data}"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("source,target", LAYOUT_CHANGES,
                          ids=["{}{}{}->{}{}{}".format(*a, *b) for a, b in LAYOUT_CHANGES])
 def test_resume_under_a_new_layout(source, target, tmp_path, sample_cache):
@@ -187,6 +194,7 @@ def test_resume_under_a_new_layout(source, target, tmp_path, sample_cache):
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
 
 
+@pytest.mark.multiprocess
 def test_hf_export_from_a_tensor_and_pipeline_parallel_run(tmp_path, sample_cache):
     transformers = pytest.importorskip("transformers")
     from bloomtrain.checkpoint.universal import convert_to_universal
@@ -238,6 +246,7 @@ def test_prune_keeps_the_newest_and_every_nth(tmp_path):
     assert sorted(store.step_of(p) for p in store.published_checkpoints(tmp_path)) == [30, 60, 70]
 
 
+@pytest.mark.multiprocess
 def test_zero_0_checkpoint_names_the_fix_for_a_new_layout(tmp_path, sample_cache):
     common = ["train.max_steps=2", "optimizer.warmup_steps=1", "parallel.zero_stage=0"]
     run_train(_overrides(tmp_path / "a", sample_cache, *common))
@@ -247,6 +256,7 @@ def test_zero_0_checkpoint_names_the_fix_for_a_new_layout(tmp_path, sample_cache
     assert "config error" in result.stderr and "parallel.zero_stage>=1" in result.stderr
 
 
+@pytest.mark.multiprocess
 def test_training_starts_from_hugging_face_weights_under_any_layout(tmp_path, sample_cache):
     from bloomtrain.convert import from_hf_to_checkpoint, to_hf
 
@@ -267,6 +277,7 @@ def test_training_starts_from_hugging_face_weights_under_any_layout(tmp_path, sa
         assert _losses(tensor)[step] == pytest.approx(_losses(single)[step], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_continued_pretraining_of_a_hugging_face_bloom_on_its_own_tokenizer(tmp_path):
     """A Hugging Face BLOOM folder (weights + byte-level BPE tokenizer.json) -> the pipeline tokenizes with
     that tokenizer -> from-hf -> training starts from the weights: its first loss is what transformers

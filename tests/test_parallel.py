@@ -31,8 +31,11 @@ def _train(tmp_path, cache, name, tensor=1, pipeline=1, data=1, *extra):
     if not any(item.startswith("parallel.zero_stage=") for item in extra):
         # ZeRO 0 unless a test says otherwise: its fp32 path clips with our own global-norm AdamW.
         extra = ("parallel.zero_stage=0", *extra)
+    # fp16 on CPU needs DeepSpeed's CPU accelerator told that fp16 works (test-only, see tests/cpu_fp16.py).
+    module = "tests.cpu_fp16" if "train.precision=fp16" in extra else "bloomtrain.train"
     run_torchrun(tensor * pipeline * data,
-                 _overrides(run_dir, cache, f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}", *extra))
+                 _overrides(run_dir, cache, f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}", *extra),
+                 module=module)
     return read_metrics(run_dir)
 
 
@@ -50,6 +53,7 @@ def _assert_same_curve(metrics, reference, rel=1e-5):
     assert reference[-1]["loss"] < reference[0]["loss"]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)],
                          ids=lambda layout: "tp{}-pp{}-dp{}".format(*layout))
 def test_layout_equals_single_process(layout, tmp_path, sample_cache, reference):
@@ -57,6 +61,7 @@ def test_layout_equals_single_process(layout, tmp_path, sample_cache, reference)
     _assert_same_curve(_train(tmp_path, sample_cache, "run", tensor, pipeline, data), reference)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout,extra", [
     ((2, 1, 1), ()),
     ((2, 2, 1), ()),
@@ -67,11 +72,13 @@ def test_sequence_parallel_equals_single_process(layout, extra, tmp_path, sample
                        reference)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_equal_zero_0(stage, tmp_path, sample_cache, reference):
     _assert_same_curve(_train(tmp_path, sample_cache, "run", 1, 1, 2, f"parallel.zero_stage={stage}"), reference)
 
 
+@pytest.mark.multiprocess
 def test_activation_checkpointing_changes_nothing(tmp_path, sample_cache, reference):
     _assert_same_curve(_train(tmp_path, sample_cache, "plain", 1, 1, 1, "parallel.activation_checkpointing=true"),
                        reference)
@@ -79,6 +86,7 @@ def test_activation_checkpointing_changes_nothing(tmp_path, sample_cache, refere
                        reference)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("precision,layout,zero", [("bf16", (2, 2, 1), 1), ("fp16", (1, 1, 2), 2),
                                                    ("bf16", (1, 1, 1), 0)])
 def test_half_precision_tracks_fp32(precision, layout, zero, tmp_path, sample_cache, reference):
@@ -97,6 +105,7 @@ def _rank_reports(tmp_path, sample_cache, processes, *overrides):
     return [json.loads((out / f"rank_{rank}.json").read_text()) for rank in range(processes)]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
 def test_layernorms_stay_bitwise_equal_across_tensor_ranks(sequence_parallel, tmp_path, sample_cache):
     reports = _rank_reports(tmp_path, sample_cache, 2, "parallel.tensor=2", "train.precision=bf16",
@@ -106,6 +115,7 @@ def test_layernorms_stay_bitwise_equal_across_tensor_ranks(sequence_parallel, tm
     assert all(r["layernorm_seq_lengths"] == [32 if sequence_parallel else 64] for r in reports)
 
 
+@pytest.mark.multiprocess
 def test_per_rank_parameter_count(tmp_path, sample_cache):
     config = load_config(["experiment=quickstart"]).model
     total = count_parameters(config)
@@ -148,6 +158,19 @@ def test_invalid_layout_stops_before_any_process_group(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_precision_the_accelerator_cannot_run_is_refused(monkeypatch):
+    """fp16 on a CPU without oneDNN fp16 kernels: one line naming the key, before DeepSpeed sees it."""
+    from deepspeed.accelerator import get_accelerator
+
+    from bloomtrain.parallel.engine import check_precision_supported
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    with pytest.raises(ConfigError, match=r"^train\.precision=fp16 .*; use train\.precision=fp32, bf16$"):
+        check_precision_supported("fp16")
+    check_precision_supported("bf16")
+    check_precision_supported("fp32")
+
+
 def test_sequence_parallel_is_off_without_tensor_parallelism():
     config = load_config(["experiment=quickstart", "parallel.sequence_parallel=true"])
     assert not resolve_layout(config, 2).sequence_parallel
@@ -155,12 +178,84 @@ def test_sequence_parallel_is_off_without_tensor_parallelism():
     assert resolve_layout(config, 2).sequence_parallel
 
 
-def test_rank_order():
-    layout = ParallelLayout(tensor=2, pipeline=2, data=2, zero_stage=0)
-    assert [layout.coordinates(rank) for rank in range(8)] == [
-        (0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)]
+@pytest.mark.parametrize("tensor,pipeline,data", [(2, 2, 2), (4, 3, 2), (1, 4, 3), (8, 1, 1)])
+def test_rank_order_is_megatron_cores_and_deepspeeds(tensor, pipeline, data):
+    """layout.py's coordinates are what both libraries' groups make of the same ranks."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core.parallel_state import RankGenerator
+
+    from bloomtrain.parallel.groups import MEGATRON_ORDER
+
+    layout = ParallelLayout(tensor=tensor, pipeline=pipeline, data=data, zero_stage=0)
+    megatron = RankGenerator(tp=tensor, ep=1, dp=data, pp=pipeline, cp=1, order=MEGATRON_ORDER)
+    position = {kind: {rank: group.index(rank) for group in megatron.get_ranks(kind) for rank in group}
+                for kind in ("tp", "pp", "dp")}
+    deepspeed = PipeModelDataParallelTopology(num_pp=pipeline, num_mp=tensor, num_dp=data)
+    for rank in range(layout.world_size):
+        coordinates = layout.coordinates(rank)
+        assert coordinates == (position["tp"][rank], position["pp"][rank], position["dp"][rank])
+        ds = deepspeed.get_coord(rank)
+        assert coordinates == (ds.model, ds.pipe, ds.data)
+    if (tensor, pipeline, data) == (2, 2, 2):  # the documented example: tensor peers adjacent, stages last
+        assert [layout.coordinates(rank) for rank in range(8)] == [
+            (0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (1, 1, 0), (0, 1, 1), (1, 1, 1)]
 
 
+@pytest.fixture
+def process_group_of_one():
+    """A real one-process gloo group with megatron-core's groups, for building parallel modules in-process."""
+    import os
+
+    import torch.distributed as dist
+
+    from bloomtrain.distributed import init_distributed
+    from bloomtrain.parallel.cpu import apply_cpu_accommodations
+    from bloomtrain.parallel.groups import destroy_parallel_groups, init_parallel_groups
+    from tests.conftest import _free_port
+
+    saved = {key: os.environ.get(key) for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    apply_cpu_accommodations()
+    init_distributed("cpu")
+    layout = ParallelLayout(tensor=1, pipeline=1, data=1, zero_stage=0)
+    init_parallel_groups(layout)
+    yield layout
+    destroy_parallel_groups()
+    dist.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_pipeline_layer_table_names_every_parameter(process_group_of_one):
+    """The table that builds the pipeline's LayerSpecs also maps its parameter names: they must agree."""
+    from bloomtrain.parallel.names import pipeline_layers, pipeline_names, plain_name
+    from bloomtrain.parallel.pipeline import build_pipeline_module
+
+    config = load_config(["experiment=quickstart", "model.num_layers=3"]).model
+    padded = config.padded_vocab_size(1)
+    module = build_pipeline_module(config, process_group_of_one, padded, seed=0, activation_checkpointing=False)
+    plain = Bloom(config, padded)
+    plain_shapes = {name: p.shape for name, p in plain.named_parameters()}
+    mapped = {}
+    for name, param in module.named_parameters():
+        mapped[name] = plain_name(name, config.num_layers)
+        assert plain_shapes[mapped[name]] == param.shape, name
+    assert sorted(mapped.values()) == sorted(plain_shapes)  # every plain parameter exactly once
+    assert pipeline_names(config.num_layers, list(plain_shapes)) == {v: k for k, v in mapped.items()}
+    table = pipeline_layers(config.num_layers)
+    assert len(module.forward_funcs) == len(table)
+    # DeepSpeed writes a layer file exactly for the entries the table says are saved.
+    assert [hasattr(f, "state_dict") for f in module.forward_funcs] == [layer.saved for layer in table]
+    for index, (function, layer) in enumerate(zip(module.forward_funcs, table, strict=True)):
+        if layer.saved:
+            for key in function.state_dict():
+                assert plain_name(f"{index}.{key}", config.num_layers) in plain_shapes
+
+
+@pytest.mark.slow
 def test_single_process_matches_the_golden_curve(reference):
     """The tiny model's first steps, pinned: any change to init, data order, schedule or math shows here."""
     golden = json.loads((REPO / "tests" / "golden" / "bloom_tiny_fp32.json").read_text())

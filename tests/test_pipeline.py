@@ -98,6 +98,7 @@ def one_worker(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProc
     return out, _pipeline(corpus[0], out)
 
 
+@pytest.mark.slow
 def test_duplicates_removed_and_distinct_documents_kept(corpus, one_worker):
     _, planted = corpus
     out, result = one_worker
@@ -120,6 +121,7 @@ def _clean_ids(out: Path) -> list[str]:
             for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 def test_bad_input_is_counted_not_fatal(one_worker):
     out, result = one_worker
     report = json.loads((out / "report" / "report.json").read_text())
@@ -130,6 +132,7 @@ def test_bad_input_is_counted_not_fatal(one_worker):
     assert "malformed_json" in result.stdout
 
 
+@pytest.mark.slow
 def test_token_files_decode_to_the_cleaned_text(one_worker):
     import sentencepiece as spm
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -153,12 +156,14 @@ def test_token_files_decode_to_the_cleaned_text(one_worker):
             assert processor.decode(ids[:-1]) == texts[index]
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_same_bytes(corpus, one_worker, tmp_path):
     out, _ = one_worker
     _pipeline(corpus[0], tmp_path / "two", "executor.workers=2")
     assert _tree_bytes(tmp_path / "two") == _tree_bytes(out)
 
 
+@pytest.mark.slow
 def test_kill_and_rerun_ends_identical(corpus, one_worker, tmp_path):
     out, _ = one_worker
     target = tmp_path / "killed"
@@ -178,6 +183,7 @@ def test_kill_and_rerun_ends_identical(corpus, one_worker, tmp_path):
     assert _tree_bytes(target) == _tree_bytes(out)
 
 
+@pytest.mark.slow
 def test_one_big_file_read_in_byte_ranges_gives_the_same_tokens(corpus, one_worker, tmp_path):
     """The same documents in one file, read by many byte-range tasks: same cleaned text and tokens."""
     out, _ = one_worker
@@ -209,6 +215,7 @@ def _slurm_idle(timeout: float = 300) -> None:
         time.sleep(1)
 
 
+@pytest.mark.slurm
 def test_slurm_executor_on_a_real_cluster(corpus, local_slurm, tmp_path):
     """On a one-node SLURM, every stage is submitted at once as sbatch job arrays chained by afterok
     dependencies; with executor.wait=false the command returns at once and the cluster alone runs the
@@ -236,6 +243,7 @@ def test_slurm_executor_on_a_real_cluster(corpus, local_slurm, tmp_path):
         json.loads((tmp_path / "local" / "report" / "report.json").read_text())
 
 
+@pytest.mark.slurm
 def test_a_rerun_that_cannot_ask_slurm_refuses_to_start(local_slurm, tmp_path, monkeypatch):
     """Jobs recorded for this output and a controller that does not answer: no guess, one clear line."""
     config = load_pipeline_config([f"input.paths=[{tmp_path}/*.jsonl]", f"output.dir={tmp_path / 'out'}",
@@ -253,6 +261,7 @@ def test_a_rerun_that_cannot_ask_slurm_refuses_to_start(local_slurm, tmp_path, m
         refuse_while_running(config)
 
 
+@pytest.mark.slurm
 def test_a_failed_task_names_itself_and_on_slurm_cancels_the_later_stages(corpus, local_slurm, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -280,6 +289,7 @@ def test_bad_config_and_missing_input_stop_before_work(tmp_path):
     assert bad.returncode == 2 and "dedup.bands" in bad.stderr
 
 
+@pytest.mark.slow
 def test_trainer_trains_from_the_pipeline_output(one_worker, tmp_path):
     out, _ = one_worker
     run_dir = tmp_path / "run"

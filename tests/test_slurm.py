@@ -84,6 +84,8 @@ def test_bad_slurm_settings_name_the_key(overrides, named):
         process_count(load_config(overrides))
 
 
+@pytest.mark.slurm
+@pytest.mark.multiprocess
 def test_slurm_job_stops_on_the_time_limit_signal_requeues_and_resumes_exactly(
         local_slurm, sample_cache, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"

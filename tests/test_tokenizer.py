@@ -16,7 +16,8 @@ from bloomtrain.data.tokenizer import (
     megatron_path,
     tokenizer_fingerprint,
 )
-from data_tools.sample import SAMPLE_CORPUS, train_tokenizer
+from data_tools.sample import SAMPLE_CORPUS
+from data_tools.tokenizer_training import train_tokenizer
 from tests.conftest import save_byte_level_bpe
 
 TEXTS = [json.loads(line)["text"] for line in SAMPLE_CORPUS.read_text(encoding="utf-8").splitlines()[:150]]

@@ -8,10 +8,13 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bloomtrain.metrics import read_metrics
 from tests.conftest import REPO, run_train
+
+pytestmark = pytest.mark.slow  # every test here trains (the quickstart with two processes)
 
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "consumed_samples"}
 

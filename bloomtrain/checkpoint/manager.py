@@ -12,6 +12,12 @@ A save writes ``step_N.tmp``, has every rank hash a share of the files, writes t
 renames to ``step_N`` and only then moves ``latest`` (see ``store.py``). Resuming verifies the newest
 checkpoint against its manifest (ranks share the hashing) and falls back to the previous complete one,
 saying so in one line, if it is damaged.
+
+Resuming is two calls, because the engine must be built in between:
+
+    plan = manager.plan_resume()       # which checkpoint, through a universal one?, padded vocab, weights
+    ... build the model with plan.padded_vocab_size and plan.initial_weights(), then the engine ...
+    progress = manager.restore(plan, engine, scheduler)   # model, optimizer, scheduler, RNG -> progress
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import pickle
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from bloomtrain.checkpoint import store
@@ -31,9 +39,11 @@ from bloomtrain.checkpoint.rng import rng_state, set_rng_state
 from bloomtrain.checkpoint.safe_load import weights_only_loads
 from bloomtrain.checkpoint.store import CheckpointError, TrainingProgress
 from bloomtrain.checkpoint.universal import convert_to_universal, universal_checkpoint_info
-from bloomtrain.config import BloomTrainConfig, ConfigError
-from bloomtrain.config_loader import to_yaml
+from bloomtrain.checkpoint.weights import read_model_weights
+from bloomtrain.config import CheckpointConfig, ConfigError, ModelConfig
 from bloomtrain.data.tokenizer import install_tokenizer, tokenizer_fingerprint
+from bloomtrain.parallel.layout import ParallelLayout
+from bloomtrain.progress import notify
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +75,50 @@ def git_commit() -> str | None:
         return None
 
 
+LAYOUT_KEYS = ("tensor", "pipeline", "data", "zero_stage")
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a run starts from, decided before its engine exists (the engine depends on it)."""
+
+    checkpoint: Path | None  # the verified checkpoint to start from; None: a fresh start
+    meta: store.CheckpointMeta | None
+    load_from: Path | None  # what DeepSpeed loads: the checkpoint, or its universal form for a new layout
+    universal: bool  # the engine must be told to load a universal checkpoint
+    padded_vocab_size: int  # a checkpoint's padding is kept (its padded rows are trained too)
+
+    @property
+    def weights_only(self) -> bool:
+        return self.meta is not None and self.meta.weights_only
+
+    def initial_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full plain-named weights to build the model with (a weights-only start), else None."""
+        return read_model_weights(self.checkpoint) if self.weights_only else None
+
+
 class CheckpointManager:
-    def __init__(self, config: BloomTrainConfig, layout: dict[str, Any], padded_vocab_size: int,
-                 tokenizer: str) -> None:
+    def __init__(self, config: CheckpointConfig, run_dir: Path, layout: ParallelLayout, model: ModelConfig,
+                 tokenizer: str, run_config_yaml: str) -> None:
+        """``tokenizer`` is the run's data tokenizer (copied into every checkpoint and checked on resume);
+        ``run_config_yaml`` the run's resolved config, stored beside each checkpoint."""
         self.config = config
         self.layout = layout
-        self.padded_vocab_size = padded_vocab_size
+        self.model = model
+        self.padded_vocab_size = model.padded_vocab_size(layout.tensor)
         self.tokenizer = tokenizer
         self.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
-        self.checkpoints_dir = Path(config.run.dir) / "checkpoints"
+        self.run_config_yaml = run_config_yaml
+        self.checkpoints_dir = Path(run_dir) / "checkpoints"
         self.is_main = dist.get_rank() == 0
         self._commit = git_commit() if self.is_main else None
 
+    def _layout_record(self) -> dict[str, int]:
+        return {key: getattr(self.layout, key) for key in LAYOUT_KEYS}
+
     # ------------------------------------------------------------------------------------------- saving
 
-    def save(self, engine, progress: TrainingProgress, client_state: dict[str, Any]) -> Path:
+    def save(self, engine, scheduler, progress: TrainingProgress) -> Path:
         """Collective: every rank calls it. Returns the new checkpoint's directory."""
         tag = f"step_{progress.step}"
         staging, final = self.checkpoints_dir / f"{tag}.tmp", self.checkpoints_dir / tag
@@ -87,15 +126,16 @@ class CheckpointManager:
             self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
         dist.barrier()
-        state = {**client_state, "rng": rng_state(), "universal_checkpoint_info": universal_checkpoint_info()}
+        state = {"scheduler": scheduler.state_dict(), "rng": rng_state(),
+                 "universal_checkpoint_info": universal_checkpoint_info()}
         engine.save_checkpoint(str(self.checkpoints_dir), tag=staging.name, save_latest=False, client_state=state)
         dist.barrier()
         if self.is_main:
             install_tokenizer(self.tokenizer, staging / store.TOKENIZER_DIR)
-            store.write_meta(staging, progress, self.config.model, self.layout, self.padded_vocab_size,
-                             extra={"git_commit": self._commit, "config": to_yaml(self.config),
+            store.write_meta(staging, progress, self.model, self._layout_record(), self.padded_vocab_size,
+                             extra={"git_commit": self._commit, "config": self.run_config_yaml,
                                     "tokenizer": self.tokenizer_fingerprint})
-            (staging / "config.yaml").write_text(to_yaml(self.config))
+            (staging / "config.yaml").write_text(self.run_config_yaml)
         names = _broadcast(store.list_files(staging) if self.is_main else None)
         rank, world = dist.get_rank(), dist.get_world_size()
         gathered: list[dict[str, str]] = [{} for _ in range(world)]
@@ -103,17 +143,46 @@ class CheckpointManager:
         if self.is_main:
             store.write_manifest(staging, {k: v for part in gathered for k, v in part.items()})
             store.publish(staging, final)
-            for removed in store.prune(self.checkpoints_dir, self.config.checkpoint.keep,
-                                       self.config.checkpoint.keep_every):
+            for removed in store.prune(self.checkpoints_dir, self.config.keep, self.config.keep_every):
                 logger.info("removed old checkpoint %s", removed.name)
         dist.barrier()
         return final
 
     # ----------------------------------------------------------------------------------------- resuming
 
-    def resume_point(self) -> Path | None:
-        """Collective: the checkpoint this run starts from (per ``checkpoint.resume``), verified; or None."""
-        resume = str(self.config.checkpoint.resume)
+    def plan_resume(self) -> ResumePlan:
+        """Collective: the checkpoint this run starts from (per ``checkpoint.resume``), verified and checked
+        against the run; converted to a universal checkpoint (on rank 0, once) when the layout changed."""
+        checkpoint = self._resume_point()
+        if checkpoint is None:
+            return ResumePlan(None, None, None, False, self.padded_vocab_size)
+        meta = self._check_compatible(checkpoint)
+        universal = not meta.weights_only and any(meta.layout.get(key, 0) != value
+                                                  for key, value in self._layout_record().items())
+        if meta.padded_vocab_size:
+            self.padded_vocab_size = meta.padded_vocab_size  # later saves keep the trained padding rows
+        load_from = self._prepare_universal(checkpoint) if universal else checkpoint
+        return ResumePlan(checkpoint, meta, load_from, universal, self.padded_vocab_size)
+
+    def restore(self, plan: ResumePlan, engine, scheduler) -> TrainingProgress:
+        """Collective: model, optimizer, scheduler and RNG from ``plan`` into a run; returns where it stands."""
+        if plan.checkpoint is None:
+            return TrainingProgress()
+        if plan.weights_only:  # the weights went into the model as it was built
+            if self.is_main:
+                logger.info("starting from the weights in %s", plan.checkpoint)
+            return TrainingProgress()
+        client_state = self._load(engine, plan.load_from, plan.universal)
+        scheduler.load_state_dict(client_state["scheduler"])
+        progress = plan.meta.progress
+        if self.is_main:
+            how = f" (re-sharded from {plan.meta.layout} through a universal checkpoint)" if plan.universal else ""
+            logger.info("resumed from %s at step %d, %d samples consumed%s", plan.checkpoint, progress.step,
+                        progress.consumed_samples, how)
+        return progress
+
+    def _resume_point(self) -> Path | None:
+        resume = str(self.config.resume)
         existing = store.published_checkpoints(self.checkpoints_dir)
         if resume.lower() in ("false", "none", "no", "0"):
             if existing:
@@ -135,15 +204,15 @@ class CheckpointManager:
             if not problems:
                 return checkpoint
             if self.is_main:
-                print(f"bloomtrain: checkpoint {checkpoint} is incomplete or damaged ({problems[0]}"
-                      f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
-                      "falling back to the previous one", flush=True)
+                more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+                notify(f"checkpoint {checkpoint} is incomplete or damaged ({problems[0]}{more}); "
+                       "falling back to the previous one")
         return None
 
-    def check_compatible(self, checkpoint: Path) -> store.CheckpointMeta:
+    def _check_compatible(self, checkpoint: Path) -> store.CheckpointMeta:
         meta = store.read_meta(checkpoint)
         for field in ARCHITECTURE_FIELDS:
-            saved, wanted = getattr(meta.model, field), getattr(self.config.model, field)
+            saved, wanted = getattr(meta.model, field), getattr(self.model, field)
             if saved != wanted:
                 raise ConfigError(f"{checkpoint} was written with model.{field}={saved} but the config says "
                                   f"model.{field}={wanted}; use the same model or a new run.dir")
@@ -153,17 +222,13 @@ class CheckpointManager:
                 f"{meta.tokenizer['sha256'][:12]}) than data.blend's ({self.tokenizer_fingerprint['library']} "
                 f"{self.tokenizer_fingerprint['sha256'][:12]}, {self.tokenizer}); tokenize the data with "
                 f"python -m data_tools.pipeline tokenizer.existing={checkpoint / store.TOKENIZER_DIR} ...")
-        tensor = self.layout["tensor"]
+        tensor = self.layout.tensor
         if meta.padded_vocab_size and meta.padded_vocab_size % tensor:
             raise ConfigError(f"{checkpoint} holds a vocabulary padded to {meta.padded_vocab_size} rows, which "
                               f"parallel.tensor={tensor} does not divide; choose a tensor size that does")
         return meta
 
-    def needs_universal(self, meta: store.CheckpointMeta) -> bool:
-        keys = ("tensor", "pipeline", "data", "zero_stage")
-        return not meta.weights_only and any(meta.layout.get(k, 0) != self.layout[k] for k in keys)
-
-    def prepare_universal(self, checkpoint: Path) -> Path:
+    def _prepare_universal(self, checkpoint: Path) -> Path:
         """Collective: convert on rank 0 (once) while the others wait; returns the universal directory."""
         out = self.checkpoints_dir / "universal" / checkpoint.name
         error = None
@@ -177,7 +242,7 @@ class CheckpointManager:
             raise ConfigError(error)
         return out
 
-    def load(self, engine, checkpoint: Path, universal: bool) -> dict[str, Any]:
+    def _load(self, engine, checkpoint: Path, universal: bool) -> dict[str, Any]:
         """Collective: model, optimizer and RNG into ``engine``; returns the rest of the client state."""
         try:
             with weights_only_loads():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -30,9 +31,10 @@ from bloomtrain.checkpoint.store import read_meta
 from bloomtrain.parallel.names import (
     REPLICATED_PARAMETER_PATTERNS,
     ROW_PARALLEL_PARAMETER_PATTERNS,
-    TIED_EMBEDDING_PREFIX,
+    is_pipeline_name,
     pipeline_names,
     plain_name,
+    tied_prefixes,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def universal_checkpoint_info() -> dict:
         constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         constants.TP_REPLICATED_PARAMETER_PATTERNS: REPLICATED_PARAMETER_PATTERNS,
         constants.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: ROW_PARALLEL_PARAMETER_PATTERNS,
-        constants.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [TIED_EMBEDDING_PREFIX.replace(".", r"\.")],
+        constants.PIPELINE_REPLICATED_PARAMETER_PATTERNS: [re.escape(prefix) for prefix in tied_prefixes()],
     }
 
 
@@ -79,8 +81,7 @@ def convert_to_universal(checkpoint: Path, out: Path) -> Path:
 
 def _name_parameters_for_every_layout(zero_dir: Path, num_layers: int) -> None:
     saved = [p.name for p in zero_dir.iterdir() if p.is_dir()]
-    is_pipeline = any(name.startswith(TIED_EMBEDDING_PREFIX) or name.split(".", 1)[0].isdigit() for name in saved)
-    if is_pipeline:
+    if any(is_pipeline_name(name) for name in saved):
         for name in saved:
             os.replace(zero_dir / name, zero_dir / plain_name(name, num_layers))
     plain = [p.name for p in zero_dir.iterdir() if p.is_dir()]

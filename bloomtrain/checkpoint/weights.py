@@ -1,9 +1,10 @@
 """A checkpoint's model weights as one plain ``Bloom`` state dict, whatever layout wrote it.
 
 DeepSpeed stores the module per tensor rank: ``mp_rank_TT_model_states.pt`` without pipeline
-parallelism, one ``layer_NN-model_TT-model_states.pt`` per pipeline layer with it (the tied LM head is
-not saved twice). Shards are joined along the dimension :func:`bloomtrain.parallel.tensor_parallel.shard_dim`
-gives; replicated parameters are taken from tensor rank 0 (they are bitwise equal across ranks).
+parallelism; with it, one ``layer_NN-model_TT-model_states.pt`` per saved layer of the layer table
+(:func:`bloomtrain.parallel.names.pipeline_layers`; the tied LM head is not saved twice).
+Shards are joined along the dimension :func:`bloomtrain.parallel.names.shard_dim` gives; replicated
+parameters are taken from tensor rank 0 (they are bitwise equal across ranks).
 Reading needs no process group, so ``convert to-hf`` runs on a laptop.
 """
 
@@ -26,7 +27,7 @@ from bloomtrain.checkpoint.store import (
 )
 from bloomtrain.config import ModelConfig
 from bloomtrain.data.tokenizer import install_tokenizer, tokenizer_fingerprint
-from bloomtrain.parallel.names import plain_name, plain_name_of_layer, shard_dim
+from bloomtrain.parallel.names import pipeline_layers, plain_name_of_layer, shard_dim
 
 MODEL_STATES = "mp_rank_{tensor:02d}_model_states.pt"
 LAYER_STATES = "layer_{index:02d}-model_{tensor:02d}-model_states.pt"
@@ -43,9 +44,10 @@ def tensor_rank_weights(checkpoint: Path, tensor_rank: int) -> dict[str, torch.T
         return dict(_load(checkpoint / MODEL_STATES.format(tensor=tensor_rank))["module"])
     layers = meta.model.num_layers
     state = {}
-    for index in range(layers + 3):
-        layer = _load(checkpoint / LAYER_STATES.format(index=index, tensor=tensor_rank))
-        for key, tensor in layer.items():
+    for index, layer in enumerate(pipeline_layers(layers)):
+        if not layer.saved:
+            continue
+        for key, tensor in _load(checkpoint / LAYER_STATES.format(index=index, tensor=tensor_rank)).items():
             state[plain_name_of_layer(index, key, layers)] = tensor
     return state
 
@@ -82,22 +84,3 @@ def write_model_only_checkpoint(checkpoints_dir: Path, model: torch.nn.Module, m
     write_manifest(final, {name: file_digest(final / name) for name in list_files(final)})
     write_atomically(checkpoints_dir / LATEST, final.name)
     return final
-
-
-@torch.no_grad()
-def copy_plain_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], num_layers: int) -> None:
-    """Copy full plain-named weights into this rank's (tensor-sharded, pipeline-staged) module."""
-    from megatron.core import parallel_state
-
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    is_pipeline = hasattr(module, "forward_funcs")
-    for name, param in module.named_parameters():
-        plain = plain_name(name, num_layers) if is_pipeline else name
-        full = weights[plain]
-        dim = shard_dim(plain)
-        local = full if dim is None or size == 1 else full.chunk(size, dim=dim)[rank]
-        if local.shape != param.shape:
-            raise ValueError(f"{plain}: the checkpoint's shard has shape {tuple(local.shape)}, the model's "
-                             f"{tuple(param.shape)}")
-        param.copy_(local)

@@ -7,8 +7,9 @@ A tokenizer lives in a folder of its own (``OUTPUT/tokenizer/``, ``CHECKPOINT/to
   ``tokenizers``: BLOOM's own byte-level BPE), and
 - ``tokenizer_metadata.json``, which tells megatron-core's ``MegatronTokenizer`` which library reads it.
 
-The trainer reads tokenizers through megatron-core; the data tools encode in bulk with the library
-itself (``TokenEncoder``), adding no special tokens: the end-of-document token is appended explicitly.
+The trainer reads tokenizers through megatron-core. ``TokenEncoder`` uses the library itself: bulk
+encoding without special tokens (the data tools append the end-of-document token explicitly) and the
+tokenizer's end-of-document token (for exports and installs).
 A fingerprint of what defines the tokenization lets a checkpoint refuse data tokenized differently.
 """
 
@@ -23,7 +24,6 @@ SENTENCEPIECE_MODEL = "tokenizer.model"
 HF_TOKENIZER = "tokenizer.json"
 HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 METADATA = "tokenizer_metadata.json"
-LIBRARIES = {SENTENCEPIECE_MODEL: "sentencepiece", HF_TOKENIZER: "huggingface"}
 # Hugging Face tokenizers without a configured EOS: the names BLOOM and GPT-2 style vocabularies use.
 CONVENTIONAL_EOS = ("</s>", "<|endoftext|>", "<eos>")
 
@@ -97,7 +97,7 @@ def tokenizer_fingerprint(path: str | Path) -> dict[str, str]:
 
 
 class TokenEncoder:
-    """Bulk encoding and decoding for the data tools, with either library; adds no special tokens."""
+    """Bulk encoding and decoding with either library, adding no special tokens; knows the EOS token."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = find_tokenizer(path)

@@ -1,20 +1,29 @@
-"""Everything bloomtrain changes so that megatron-core and DeepSpeed run on a machine without CUDA.
+"""Everything bloomtrain does differently on a machine without CUDA; no other module has such code.
 
-Applied once, by :func:`apply_cpu_accommodations`, only when ``torch.cuda.is_available()`` is false; on
-GPUs nothing here runs and the same model and engine code uses NCCL and CUDA memory.
+On GPUs none of this runs: the same model and engine code uses NCCL and CUDA memory. What each
+accommodation is for:
 
-1. megatron-core allocates some buffers with ``device=torch.cuda.current_device()`` (all-gather outputs
-   in ``tensor_parallel/mappings.py`` and ``layers.py``). On a CPU-only build that call raises, so it is
-   routed to the CPU.
-2. DeepSpeed's CPU accelerator reports fp16 as unsupported and refuses ``fp16.enabled``. PyTorch's CPU
-   kernels do run fp16, and the test suite must exercise DeepSpeed's dynamic loss scaling, so the
-   accelerator is told fp16 is available.
-3. megatron-core's parallel layers are created with ``use_cpu_initialization=True`` (see
-   :func:`bloomtrain.parallel.tensor_parallel.megatron_layer_config`), which puts their parameters on
-   the CPU instead of the current CUDA device.
+1. :func:`apply_cpu_accommodations`, called once by the training entry point before megatron-core is
+   imported:
+   - megatron-core allocates some buffers with ``device=torch.cuda.current_device()`` (all-gather
+     outputs in ``tensor_parallel/mappings.py`` and ``layers.py``); on a CPU-only build that call
+     raises, so it is routed to the CPU;
+   - megatron-core warns at import that Transformer Engine and Apex are missing; on CPU its plain
+     PyTorch fallbacks are exactly what runs, so the warning is noise there (on GPUs it stays).
+2. :func:`initialize_on_cpu`: megatron-core's parallel layers are created with
+   ``use_cpu_initialization`` (``tensor_parallel.megatron_layer_config``), which puts their
+   parameters on the CPU instead of the current CUDA device.
+3. :func:`threads_per_rank`: CPU ranks on one machine share its cores, so the launcher gives each
+   ``cores / ranks`` threads instead of letting every rank take them all.
+
+fp16 is not enabled on CPU: DeepSpeed's CPU accelerator refuses it, and so does bloomtrain at start-up
+(``engine.check_precision_supported``). The test suite alone tells DeepSpeed otherwise, to exercise
+its loss scaling on CPU (``tests/cpu_fp16.py``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -25,10 +34,17 @@ def apply_cpu_accommodations() -> None:
     global _applied
     if _applied or torch.cuda.is_available():
         return
-    torch.cuda.current_device = lambda: torch.device("cpu")  # (1)
-
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    type(accelerator).is_fp16_supported = lambda self: True  # (2)
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     _applied = True
+
+
+def initialize_on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def threads_per_rank(ranks_on_this_machine: int, cores: int) -> int | None:
+    """OMP threads for each CPU rank, or None on a GPU machine (each rank drives its own device)."""
+    if torch.cuda.is_available():
+        return None
+    return max(cores // ranks_on_this_machine, 1)

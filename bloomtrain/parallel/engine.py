@@ -1,43 +1,38 @@
-"""The DeepSpeed engine that trains BLOOM under any (tensor, pipeline, data) layout.
+"""A thin wrapper over DeepSpeed's engine: its config for a layout, and one optimizer step.
 
-- pipeline = 1: the plain model, made tensor-parallel, in DeepSpeed's engine (ZeRO stages 0-3);
-- pipeline > 1: the ``PipelineModule`` of ``pipeline.py`` in DeepSpeed's pipeline engine (1F1B
-  schedule, ZeRO 0-1), micro-batches = global batch / (micro batch x data parallel).
+- pipeline = 1: the (tensor-parallel) plain model in DeepSpeed's engine (ZeRO stages 0-3);
+- pipeline > 1: the ``PipelineModule`` in DeepSpeed's pipeline engine (1F1B schedule, ZeRO 0-1),
+  micro-batches = global batch / (micro batch x data parallel).
 Precision (fp32, bf16, fp16 with dynamic loss scaling), ZeRO and gradient clipping are DeepSpeed's.
+The module comes from ``parallelize.py`` and the optimizer from ``bloomtrain.optim``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.utils.checkpoint
 from megatron.core import parallel_state
 from torch import nn
 
-from bloomtrain.checkpoint.weights import copy_plain_weights
-from bloomtrain.config import ModelConfig, OptimizerConfig, TrainConfig
-from bloomtrain.model import build_model
-from bloomtrain.optim import parameter_groups
+from bloomtrain.config import ConfigError, TrainConfig
+from bloomtrain.parallel.clipping import deepspeed_clips
 from bloomtrain.parallel.groups import MegatronModelParallelUnit
 from bloomtrain.parallel.layout import ParallelLayout
-from bloomtrain.parallel.pipeline import build_pipeline_module, recompute
-from bloomtrain.parallel.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss
+from bloomtrain.parallel.tensor_parallel import vocab_parallel_loss
 
 
-def deepspeed_config(train: TrainConfig, optimizer: OptimizerConfig, layout: ParallelLayout,
-                     deepspeed_clips: bool, load_universal: bool = False) -> dict:
+def deepspeed_config(train: TrainConfig, grad_clip: float, layout: ParallelLayout,
+                     load_universal: bool = False) -> dict:
     micro_batches = train.global_batch_size // (train.micro_batch_size * layout.data)
     config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": micro_batches,
-        "gradient_clipping": optimizer.grad_clip if deepspeed_clips else 0.0,
+        "gradient_clipping": grad_clip if deepspeed_clips(train.precision, layout.zero_stage) else 0.0,
         "zero_optimization": {"stage": layout.zero_stage},
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
@@ -60,43 +55,16 @@ def deepspeed_config(train: TrainConfig, optimizer: OptimizerConfig, layout: Par
     return config
 
 
-class AdamWWithGlobalClipping(torch.optim.AdamW):
-    """AdamW that clips by the global gradient norm of a tensor x pipeline parallel model first.
+def check_precision_supported(precision: str) -> None:
+    """Refuse, in one line, a precision this machine's DeepSpeed accelerator does not run."""
+    from deepspeed.accelerator import get_accelerator
 
-    Used where DeepSpeed hands our optimizer the gradients directly (fp32 without ZeRO): its clipping
-    there counts a pipeline stage's replicated parameters on one stage only. The norm counts each
-    parameter once: tensor-sharded ones on every rank, tensor-replicated ones on tensor rank 0, and
-    the tied embedding (``ds_pipe_replicated`` on the last stage) on the first stage only.
-    """
-
-    def __init__(self, params: Iterable, max_norm: float, **kwargs) -> None:
-        super().__init__(params, **kwargs)
-        self.max_norm = max_norm
-        self._global_grad_norm: float | None = None
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"]
-                 if p.grad is not None and _counts_once(p)]
-        squares = torch.zeros((), dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
-        for grad in grads:
-            squares += grad.float().pow(2).sum()
-        dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
-        norm = squares.sqrt()
-        self._global_grad_norm = norm.item()
-        if self.max_norm > 0:
-            scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(scale)
-        return super().step(closure)
-
-
-def _counts_once(param: torch.Tensor) -> bool:
-    if getattr(param, "ds_pipe_replicated", False):
-        return False
-    return getattr(param, "tensor_model_parallel", False) or parallel_state.get_tensor_model_parallel_rank() == 0
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        others = ", ".join(name for name, ok in supported.items() if ok and name != precision)
+        raise ConfigError(f"train.precision={precision} is not supported by DeepSpeed's "
+                          f"{accelerator.device_name()} accelerator here; use train.precision={others}")
 
 
 @dataclass
@@ -108,37 +76,13 @@ class StepResult:
 class TrainingEngine:
     """Owns the DeepSpeed engine; ``train_step`` runs one optimizer step over this rank's micro-batches."""
 
-    def __init__(self, model_config: ModelConfig, train: TrainConfig, optimizer_config: OptimizerConfig,
-                 layout: ParallelLayout, device: torch.device, activation_checkpointing: bool = False,
-                 padded_vocab_size: int | None = None, load_universal: bool = False,
-                 initial_weights: dict[str, torch.Tensor] | None = None) -> None:
-        """``padded_vocab_size`` keeps a checkpoint's padding; ``initial_weights`` (full, plain-named)
-        replace the initialisation, before DeepSpeed builds its optimizer state from the parameters."""
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, train: TrainConfig, grad_clip: float,
+                 layout: ParallelLayout, load_universal: bool = False) -> None:
         self.layout = layout
-        self.padded_vocab_size = padded_vocab_size or model_config.padded_vocab_size(layout.tensor)
-        if layout.pipeline > 1:
-            module: nn.Module = build_pipeline_module(model_config, layout, self.padded_vocab_size, train.seed,
-                                                      activation_checkpointing)
-            module.to(device)
-        else:
-            module = build_model(model_config, device, seed=train.seed, padded_vocab_size=self.padded_vocab_size)
-            module = apply_tensor_parallel(module, layout.sequence_parallel)
-            if activation_checkpointing:
-                for block in module.h:
-                    block.forward = functools.partial(recompute, block.forward)
-        if initial_weights is not None:
-            copy_plain_weights(module, initial_weights, model_config.num_layers)
-        deepspeed_clips = train.precision != "fp32" or layout.zero_stage > 0
-        adam = dict(lr=optimizer_config.lr, betas=(optimizer_config.beta1, optimizer_config.beta2),
-                    eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay)
-        if deepspeed_clips:
-            optimizer = torch.optim.AdamW(parameter_groups(module), **adam)
-        else:
-            optimizer = AdamWWithGlobalClipping(parameter_groups(module), optimizer_config.grad_clip, **adam)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
-            config=deepspeed_config(train, optimizer_config, layout, deepspeed_clips, load_universal),
+            config=deepspeed_config(train, grad_clip, layout, load_universal),
             mpu=None if layout.pipeline > 1 else MegatronModelParallelUnit(),
         )
         self.module = self.engine.module

@@ -7,6 +7,8 @@ from megatron.core import parallel_state
 
 from bloomtrain.parallel.layout import ParallelLayout
 
+MEGATRON_ORDER = "tp-cp-ep-dp-pp"  # megatron-core's name for the rank order of ``layout.py``
+
 
 def init_parallel_groups(layout: ParallelLayout) -> None:
     """Create tensor / pipeline / data groups in the rank order documented in ``layout.py``."""
@@ -15,7 +17,7 @@ def init_parallel_groups(layout: ParallelLayout) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
-        order="tp-cp-ep-dp-pp",
+        order=MEGATRON_ORDER,
     )
     assert parallel_state.get_data_parallel_world_size() == layout.data
 

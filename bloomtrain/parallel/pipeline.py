@@ -1,4 +1,4 @@
-"""Pipeline parallelism: BLOOM as a DeepSpeed ``PipelineModule`` built from layer specs.
+"""Pipeline parallelism: BLOOM as a DeepSpeed ``PipelineModule`` built from the layer table of ``names.py``.
 
     [word embedding (tied)] [embedding LayerNorm] [block 0] ... [block L-1] [final LayerNorm] [LM head (tied)]
 
@@ -22,6 +22,7 @@ from torch import nn
 from bloomtrain.config import ModelConfig
 from bloomtrain.model.bloom import BloomBlock, init_bloom_weights
 from bloomtrain.parallel.layout import ParallelLayout
+from bloomtrain.parallel.names import PipelineLayer, pipeline_layers
 from bloomtrain.parallel.tensor_parallel import (
     final_layernorm_into_tensor_parallel,
     mark_replicated_module,
@@ -84,18 +85,23 @@ class BlockStage(nn.Module):
         return self.block(hidden)
 
 
+def _layer_spec(layer: PipelineLayer, config: ModelConfig, padded_vocab_size: int, seed: int,
+                sequence_parallel: bool) -> LayerSpec:
+    if layer.kind in ("embedding", "head"):
+        return TiedLayerSpec(layer.tie_key, WordEmbeddingStage, config, padded_vocab_size, seed, sequence_parallel,
+                             forward_fn=lm_head if layer.kind == "head" else None,
+                             tied_weight_attr=f"{layer.attribute}.weight")
+    if layer.kind in ("embedding_norm", "final_norm"):
+        return LayerSpec(LayerNormStage, config, layer.plain_prefix, seed, layer.kind == "final_norm",
+                         sequence_parallel)
+    assert layer.kind == "block", layer
+    return LayerSpec(BlockStage, config, layer.block_index, seed, sequence_parallel)
+
+
 def build_pipeline_module(config: ModelConfig, layout: ParallelLayout, padded_vocab_size: int, seed: int,
                           activation_checkpointing: bool) -> PipelineModule:
-    sequence_parallel = layout.sequence_parallel
-    specs = [
-        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed, sequence_parallel,
-                      tied_weight_attr="word_embeddings.weight"),
-        LayerSpec(LayerNormStage, config, "word_embeddings_layernorm", seed, False, sequence_parallel),
-        *[LayerSpec(BlockStage, config, index, seed, sequence_parallel) for index in range(config.num_layers)],
-        LayerSpec(LayerNormStage, config, "ln_f", seed, True, sequence_parallel),
-        TiedLayerSpec("word_embeddings", WordEmbeddingStage, config, padded_vocab_size, seed, sequence_parallel,
-                      forward_fn=lm_head, tied_weight_attr="word_embeddings.weight"),
-    ]
+    specs = [_layer_spec(layer, config, padded_vocab_size, seed, layout.sequence_parallel)
+             for layer in pipeline_layers(config.num_layers)]
     topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
     return PipelineModule(
         layers=specs,

@@ -29,6 +29,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from bloomtrain.model.bloom import BloomBlock
+from bloomtrain.parallel.cpu import initialize_on_cpu
 
 
 def megatron_layer_config(sequence_parallel: bool = False) -> ModelParallelConfig:
@@ -36,7 +37,7 @@ def megatron_layer_config(sequence_parallel: bool = False) -> ModelParallelConfi
     return ModelParallelConfig(
         tensor_model_parallel_size=tensor,
         sequence_parallel=sequence_parallel and tensor > 1,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=initialize_on_cpu(),
         perform_initialization=False,  # weights are copied in from the initialised plain module
         params_dtype=torch.float32,
     )

@@ -127,17 +127,15 @@ def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
 def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     """Decide, over all files at once, which documents go; one boolean mask per file."""
     from data_tools.minhash import duplicate_clusters
+    from data_tools.steps.dedup_exact import exact_duplicates
 
     out = work_dir(config)
     keys = [np.load(out / "clean" / f"{_shard(i)}.exact.npy") for i in range(len(shards))]
     sizes = [k.size for k in keys]
     flat_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
     reason = np.zeros(flat_keys.size, dtype=np.int8)  # 0 kept, 1 exact duplicate, 2 near duplicate
-    if config.dedup.exact and flat_keys.size:
-        _, first = np.unique(flat_keys, return_index=True)
-        duplicate = np.ones(flat_keys.size, dtype=bool)
-        duplicate[first] = False
-        reason[duplicate] = 1
+    if config.dedup.exact:
+        reason[exact_duplicates(flat_keys)] = 1
     if config.dedup.near and flat_keys.size:
         signatures = np.concatenate([np.load(out / "clean" / f"{_shard(i)}.signatures.npy")
                                      for i in range(len(shards))])
@@ -179,7 +177,7 @@ def split(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
 
 def tokenizer(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     from bloomtrain.data.tokenizer import install_tokenizer
-    from data_tools.sample import train_tokenizer
+    from data_tools.tokenizer_training import train_tokenizer
 
     target = Path(config.output.dir) / "tokenizer"
     staging = target.with_name("tokenizer.tmp")
@@ -221,7 +219,7 @@ def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
 # ------------------------------------------------------------------------------------- tokenize, merge
 
 def tokenize(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
-    from data_tools.sample import write_token_files
+    from data_tools.token_files import write_token_files
 
     by_language: dict[str, list[str]] = defaultdict(list)
     cleaned = Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"
@@ -242,7 +240,7 @@ def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
 
     from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
     from bloomtrain.data.tokenizer import TokenEncoder, megatron_path
-    from data_tools.sample import token_dtype
+    from data_tools.token_files import token_dtype
 
     root = Path(config.output.dir)
     dtype = token_dtype(TokenEncoder(root / "tokenizer").vocab_size)

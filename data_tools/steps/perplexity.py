@@ -18,7 +18,7 @@ import unicodedata
 from typing import Any
 
 from data_tools.steps.base import Document, DocumentFilter
-from data_tools.steps.quality import NO_SPACE_LANGUAGES
+from data_tools.text import NO_SPACE_LANGUAGES
 
 # Unicode general categories of punctuation and symbols.
 _DROPPED_CATEGORIES = ("P", "S")

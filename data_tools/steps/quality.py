@@ -25,16 +25,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from data_tools.steps.base import Document, DocumentFilter
 from data_tools.steps.word_lists import load_word_lists
+from data_tools.text import NO_SPACE_LANGUAGES, POLYNOMIAL_HASH_BASE
 
-# Scripts written without spaces: words are single characters there (ROOTS tokenised Chinese instead).
-NO_SPACE_LANGUAGES = {"zh", "ja", "th", "lo", "km", "my", "bo"}
 SPECIAL_CHARACTERS = frozenset(
     string.punctuation + string.digits + string.whitespace
     + "　￼’“”–ー一▬…✦�£•€«»°·═×士＾˘⇓↓↑←→（）§″′´¿−±∈¢ø‚„½¼¾¹²³―⁃，ˌ¸‹›ʺˈʻ¦‐⠀‰‑≤≥‖"
     + "◆●■►▼▲▴∆▻¡★☆✱ːº。¯˜¥ɪ≈†：∼⁄・♡✓⊕․．⋅÷１‟；،、¨◦˚゜ʼ≖¤℃√！【】‿∞➤～π۩☛₨➩☻๑٪♥ıॽ《‘©﴿٬？▷♫∟™ª₪®「—❖」﴾》"
 )
 _SPECIAL_STRING = "".join(sorted(SPECIAL_CHARACTERS))  # str.strip's argument, built once
-_HASH_BASE = np.uint64(1099511628211)  # the 64-bit FNV prime: odd, large, mixes code points well
 _SPECIAL_PATTERN = re.compile("[" + re.escape(_SPECIAL_STRING) + "]")
 
 
@@ -105,7 +103,7 @@ def character_repetition_ratio(text: str, n: int) -> float:
     if len(text) < n:
         return 0.0
     code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    powers = _HASH_BASE ** np.arange(n - 1, -1, -1, dtype=np.uint64)  # wraps modulo 2**64, as intended
+    powers = POLYNOMIAL_HASH_BASE ** np.arange(n - 1, -1, -1, dtype=np.uint64)  # wraps modulo 2**64, as intended
     hashes = sliding_window_view(code_points, n) @ powers
     _, counts = np.unique(hashes, return_counts=True)
     top = max(int(math.sqrt(len(counts))), 1)
