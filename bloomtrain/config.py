@@ -118,6 +118,9 @@ class TrainConfig:
     """fp32 | bf16 | fp16."""
     device: str = "auto"
     """auto picks cuda when available, else cpu."""
+    peak_tflops: float | None = None
+    """The peak TFLOP/s of one device in train.precision, for MFU; null: a table of known GPUs (dense
+    half precision), else measured at start-up (the log says which)."""
     exit_duration_minutes: float = 0.0
     """Wall-clock budget: once exceeded, save a checkpoint at the next step and exit with status 75
     (as after SIGTERM/SIGUSR1) so the job can be requeued; 0 = no budget."""
@@ -126,6 +129,7 @@ class TrainConfig:
         for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_length"):
             require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         require(self.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0 = no budget)")
+        require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops must be positive or null")
         require(
             self.precision in PRECISIONS,
             f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}",
@@ -176,6 +180,24 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation on each language's held-out tokens (the blend's ``valid_prefix`` files)."""
+
+    interval: int = 1000
+    """Evaluate every N optimizer steps and after the last one; 0 = never."""
+    iters: int = 10
+    """Global batches per language in one evaluation: the same fixed samples every time."""
+    early_stop_patience: int = 0
+    """Stop (with a checkpoint, exit 0) after this many evaluations without a new best validation loss;
+    0 = never."""
+
+    def __post_init__(self) -> None:
+        require(self.interval >= 0, "eval.interval must be >= 0 (0 = no evaluation)")
+        require(self.iters >= 1, "eval.iters must be >= 1")
+        require(self.early_stop_patience >= 0, "eval.early_stop_patience must be >= 0 (0 = never)")
+
+
+@dataclass
 class CheckpointConfig:
     interval: int = 100
     """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
@@ -213,6 +235,8 @@ class LoggingConfig:
     interval: int = 10
     """Print a progress line every N steps when stdout is not a terminal."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    """Also write TensorBoard event files to RUN_DIR/tensorboard/."""
 
     def __post_init__(self) -> None:
         require(self.interval >= 1, "logging.interval must be >= 1")
@@ -297,6 +321,7 @@ class BloomTrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)

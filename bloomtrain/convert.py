@@ -79,6 +79,11 @@ def hf_config_from_model_config(config: ModelConfig, eos_token_id: int = 2) -> d
     }
 
 
+def is_hugging_face_dir(path: Path) -> bool:
+    """A Hugging Face model folder (``config.json``), not a bloomtrain checkpoint (``meta.json``)."""
+    return (path / "config.json").is_file() and not (path / "meta.json").exists()
+
+
 def from_hf(path_or_hf_model: str | Path | torch.nn.Module) -> Bloom:
     """A single-process bloomtrain model holding a Hugging Face BLOOM's weights (fp32)."""
     if isinstance(path_or_hf_model, torch.nn.Module):

@@ -1,8 +1,20 @@
-"""Model FLOPs per step and the device's peak, for the TFLOP/s and MFU columns of metrics.jsonl."""
+"""FLOPs per step and the device's peak, for the TFLOP/s, MFU and HFU columns of metrics.jsonl.
+
+MFU divides the model's FLOPs (no recomputation counted) by the peak; HFU divides what the hardware
+really computes (with activation checkpointing, each block's forward once more) by the same peak.
+The peak comes, in this order, from ``train.peak_tflops``, a table of dense (never sparse) half-
+precision peaks of known GPUs, or a measurement: the best of 15 timed rounds of large square matmuls
+(5 rounds at each of three sizes: 2048, 3072, 4096 on CPU; 4096, 6144, 8192 on GPU) in the run's
+precision, each round long enough (0.2 s) that timer noise does not matter, with the threads the rank
+really has. A busy machine (a VM's neighbours included) can only slow a round down, so the best round is
+the closest to the true peak; many short rounds give it chances to miss a disturbance, and several sizes
+keep one size's unlucky blocking or memory layout from setting the peak. The log says which source it used.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -25,34 +37,60 @@ def model_flops_per_step(config: ModelConfig, sequences: int, seq_length: int) -
     )
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The device's peak FLOP/s: a table for known accelerators in half precision, else measured.
+def hardware_flops_per_step(config: ModelConfig, sequences: int, seq_length: int, recompute: bool) -> float:
+    """FLOPs the hardware computes: with full activation checkpointing every block's forward runs twice,
+    96 B s l h^2 (1 + s/6h + V/16lh) (the same paper); otherwise the model FLOPs."""
+    if not recompute:
+        return model_flops_per_step(config, sequences, seq_length)
+    h, layers, vocab = config.hidden_size, config.num_layers, config.padded_vocab_size()
+    return 96.0 * sequences * seq_length * layers * h * h * (
+        1.0 + seq_length / (6.0 * h) + vocab / (16.0 * layers * h)
+    )
 
-    Measuring (a large matmul in ``dtype``) gives a CPU or an unknown GPU an honest denominator.
-    """
+
+@dataclass(frozen=True)
+class Peak:
+    flops: float  # per device (per rank on CPU), FLOP/s
+    source: str  # how it was obtained, for the log
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: float | None = None) -> Peak:
+    """The peak FLOP/s one rank's device can do in ``dtype``, and where the number comes from."""
+    if configured_tflops:
+        return Peak(configured_tflops * 1e12, f"train.peak_tflops={configured_tflops:g}")
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_HALF_PRECISION_PEAKS.items():
             if key in name:
-                return peak
-    return measure_matmul_flops(device, dtype)
+                return Peak(peak, f"the dense {key} table entry ({peak / 1e12:g} TFLOP/s)")
+    # On this 2-core CPU one size could read 10-15% below another in one process and not in the next
+    # (BLAS blocking, memory layout); the best over three sizes is stable.
+    sizes = (4096, 6144, 8192) if device.type == "cuda" else (2048, 3072, 4096)
+    measured = max(measure_matmul_flops(device, dtype, size) for size in sizes)
+    threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
+    return Peak(measured, f"measured: {'/'.join(map(str, sizes))}-square {str(dtype).removeprefix('torch.')} "
+                          f"matmuls{threads}, best of 15 rounds of 0.2 s ({measured / 1e12:.3f} TFLOP/s)")
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5,
-                         rounds: int = 4) -> float:
-    """Best of ``rounds`` timings of ``repeats`` square matmuls: the best round is the one least
-    disturbed by frequency ramp-up and other processes, so it is closest to the true peak."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)  # warm-up
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 3072, seconds: float = 0.2,
+                         rounds: int = 5) -> float:
+    """The best of ``rounds`` timings, each of as many ``size``-square matmuls as fit in ``seconds``."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up: kernels chosen, caches and clocks up
     best = 0.0
     for _ in range(rounds):
         _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
+        start, done = time.perf_counter(), 0
+        while True:
             torch.matmul(a, b)
-        _synchronize(device)
-        best = max(best, 2.0 * size**3 * repeats / (time.perf_counter() - start))
+            done += 1
+            if done % 4 == 0 or device.type != "cuda":
+                _synchronize(device)
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds:
+                    break
+        best = max(best, 2.0 * size**3 * done / elapsed)
     return best
 
 

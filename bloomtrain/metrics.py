@@ -1,8 +1,14 @@
-"""Rank-0 metrics: ``RUN_DIR/metrics.jsonl`` and Weights & Biases (offline unless asked otherwise).
+"""Rank 0's metrics, one interface over three back-ends: JSON Lines files in the run directory
+(``metrics.jsonl`` per step, ``eval.jsonl`` per evaluation), Weights & Biases (offline unless asked
+otherwise) and TensorBoard (``RUN_DIR/tensorboard/`` with ``logging.tensorboard=true``).
 
-W&B is imported only when used. A resumed run continues the same W&B run (its id is kept in the
-checkpoint) and drops from ``metrics.jsonl`` any lines past the step it resumed from, so a crash
-between two checkpoints does not leave the re-done steps twice in the file.
+W&B and TensorBoard are imported only when used. A resumed run continues the same W&B run (its id is
+kept in the checkpoint), drops from the JSON Lines files any lines past the step it resumed from, and
+has TensorBoard purge events past that step, so a crash between two checkpoints never leaves the
+re-done steps twice.
+
+Evaluations reach W&B and TensorBoard as ``valid/loss``, ``valid/perplexity`` and
+``valid/<lang>/loss``, ``valid/<lang>/perplexity``.
 """
 
 from __future__ import annotations
@@ -13,20 +19,28 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bloomtrain.config import WandbConfig
+from bloomtrain.config import LoggingConfig, WandbConfig
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, wandb_config: WandbConfig, run_name: str, config: dict[str, Any],
+    def __init__(self, run_dir: Path, config: LoggingConfig, run_name: str, run_config: dict[str, Any],
                  resume_step: int = 0, wandb_run_id: str | None = None) -> None:
-        self.path = run_dir / METRICS_FILE
-        _truncate_after(self.path, resume_step)
-        self._file = self.path.open("a", encoding="utf-8")
-        self._wandb_run = _start_wandb(run_dir, wandb_config, run_name, config, wandb_run_id)
+        self._files = {}
+        for name in (METRICS_FILE, EVAL_FILE):
+            _truncate_after(run_dir / name, resume_step)
+            self._files[name] = (run_dir / name).open("a", encoding="utf-8")
+        self._wandb_run = _start_wandb(run_dir, config.wandb, run_name, run_config, wandb_run_id)
+        self._tensorboard = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=resume_step + 1)
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -37,21 +51,52 @@ class MetricsLogger:
         return self._wandb_run.dir if self._wandb_run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._file.flush()
+        """One optimizer step's metrics."""
+        self._write(METRICS_FILE, {"step": step, **metrics})
+        self._publish({key: value for key, value in metrics.items() if _is_number(value)}, step)
+
+    def log_eval(self, evaluation: dict[str, Any], step: int) -> None:
+        """One evaluation: ``{"loss", "perplexity", "languages": {lang: {"loss", "perplexity", "tokens"}}}``."""
+        self._write(EVAL_FILE, {"step": step, **evaluation})
+        scalars = {"valid/loss": evaluation["loss"], "valid/perplexity": evaluation["perplexity"]}
+        for language, values in evaluation["languages"].items():
+            scalars[f"valid/{language}/loss"] = values["loss"]
+            scalars[f"valid/{language}/perplexity"] = values["perplexity"]
+        self._publish(scalars, step)
+
+    def _write(self, name: str, record: dict[str, Any]) -> None:
+        self._files[name].write(json.dumps(record) + "\n")
+        self._files[name].flush()
+
+    def _publish(self, scalars: dict[str, float], step: int) -> None:
         if self._wandb_run is not None:
-            self._wandb_run.log(metrics, step=step)
+            self._wandb_run.log(scalars, step=step)
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
 
     def close(self) -> None:
-        self._file.close()
+        for handle in self._files.values():
+            handle.close()
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (or ``eval.jsonl`` with ``name=EVAL_FILE``); none if it is missing."""
+    path = Path(run_dir) / name
+    if name == EVAL_FILE and not path.exists():
+        return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -20,7 +20,8 @@ from rich.progress import (
 
 
 def _summary(metrics: dict[str, Any]) -> str:
-    return (f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | grad {metrics['grad_norm']:.3f} | "
+    grad = "-" if metrics["grad_norm"] is None else f"{metrics['grad_norm']:.3f}"  # None: an fp16 skipped step
+    return (f"loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | grad {grad} | "
             f"{metrics['tokens_per_s']:,.0f} tok/s | mfu {metrics['mfu']:.1%}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import time
 from pathlib import Path
@@ -26,16 +27,26 @@ from bloomtrain.checkpoint.manager import CheckpointManager, ResumePlan
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
 from bloomtrain.data.blend import Blend
-from bloomtrain.data.loader import BatchLayout, build_train_dataset, load_tokenizer, step_batches
+from bloomtrain.data.loader import (
+    BatchLayout,
+    build_train_dataset,
+    build_validation_datasets,
+    load_tokenizer,
+    step_batches,
+)
 from bloomtrain.distributed import DistributedContext
-from bloomtrain.flops import model_flops_per_step, peak_flops
-from bloomtrain.metrics import MetricsLogger
+from bloomtrain.evaluation import Validation
+from bloomtrain.flops import device_peak
+from bloomtrain.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, read_metrics
 from bloomtrain.optim import build_optimizer, build_scheduler
-from bloomtrain.parallel.engine import TrainingEngine
+from bloomtrain.parallel.engine import StepResult, TrainingEngine
 from bloomtrain.parallel.layout import ParallelLayout
 from bloomtrain.parallel.parallelize import build_parallel_model
 from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, StopRequests
 from bloomtrain.progress import StepProgress, notify, print_summary
+from bloomtrain.step_metrics import StepMeter
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -88,14 +99,17 @@ class Trainer:
                                            train.seed, self.run_dir / "data_index")
         self.batches = step_batches(self.dataset, self.batch_layout, self.progress.consumed_samples,
                                     total_samples, config.data.num_workers)
-        self.flops_per_step = model_flops_per_step(config.model, train.global_batch_size, train.seq_length)
+        self.validation = self._build_validation()
         self.metrics: MetricsLogger | None = None
         if context.is_main:
-            # Measured before W&B starts its service process, which would compete for the cores.
-            # Each rank's peak is measured with the threads it has (on CPU the launcher splits the cores
-            # between ranks), so the run's peak is that times the number of ranks, as on GPUs.
-            self.peak_flops = peak_flops(context.device, DTYPES[train.precision]) * context.world_size
-            self.metrics = MetricsLogger(self.run_dir, config.logging.wandb, config.run.name,
+            # Measured before W&B starts its service process, which would compete for the cores. Each
+            # rank's peak is measured with the threads it has (on CPU the launcher splits the cores
+            # between ranks); MFU divides the per-device FLOP/s by it, as on GPUs.
+            peak = device_peak(context.device, DTYPES[train.precision], train.peak_tflops)
+            logger.info("MFU's peak: %s", peak.source)
+            self.meter = StepMeter(config.model, train, config.parallel.activation_checkpointing, peak,
+                                   context.world_size, blend, self.dataset)
+            self.metrics = MetricsLogger(self.run_dir, config.logging, config.run.name,
                                          dataclasses.asdict(config), self.progress.step, self.progress.wandb_run_id)
             self.progress.wandb_run_id = self.metrics.wandb_run_id
             self.wandb_files = Path(self.metrics.wandb_dir).parent if self.metrics.wandb_dir else None
@@ -111,27 +125,23 @@ class Trainer:
             while progress.step < train.max_steps:
                 started = time.perf_counter()
                 self.scheduler.step(1)  # step k trains with lr(k)
-                result = self.engine.train_step(next(self.batches))
+                micro_batches = next(self.batches)
+                data_wait = time.perf_counter() - started
+                result = self.engine.train_step(micro_batches)
                 elapsed = time.perf_counter() - started
-                progress.step += 1
-                progress.consumed_samples += train.global_batch_size
-                progress.consumed_tokens += train.global_batch_size * train.seq_length
-                if self.metrics is not None:
-                    metrics = {
-                        "loss": result.loss,
-                        "lr": self.engine.optimizer.param_groups[0]["lr"],
-                        "grad_norm": result.grad_norm,
-                        "tokens_per_s": train.global_batch_size * train.seq_length / elapsed,
-                        "tflops": self.flops_per_step / elapsed / 1e12,
-                        "mfu": self.flops_per_step / elapsed / self.peak_flops,
-                        "consumed_samples": progress.consumed_samples,
-                    }
-                    self.metrics.log(metrics, progress.step)
-                    display.update(progress.step, metrics)
+                param_norm = self.engine.parameter_norm()  # collective: every rank
+                self._log_step(result, elapsed, data_wait, param_norm, display)
+                patience_exhausted = self._evaluate_if_due() and progress.step < train.max_steps
                 interval = self.config.checkpoint.interval
                 saved = progress.step == train.max_steps or bool(interval and progress.step % interval == 0)
-                if saved:
+                if saved or patience_exhausted:
                     self.save()
+                if patience_exhausted:
+                    if self.context.is_main:
+                        notify(f"stopped early after step {progress.step}: validation loss has not improved on "
+                               f"{progress.best_valid_loss:.4f} for {self.config.eval.early_stop_patience} "
+                               "evaluations (eval.early_stop_patience); checkpoint saved")
+                    break
                 reason = self.stops.agreed_reason(self.context.device)
                 if reason is not None and progress.step < train.max_steps:
                     if not saved:
@@ -149,15 +159,80 @@ class Trainer:
             self._print_summary()
         return status
 
+    def _log_step(self, result: StepResult, elapsed: float, data_wait: float, param_norm: float | None,
+                  display: StepProgress) -> None:
+        progress, train = self.progress, self.config.train
+        if self.metrics is not None:
+            step_tokens = self.meter.tokens_by_language(progress.consumed_samples, train.global_batch_size)
+            for language, count in step_tokens.items():
+                progress.tokens_by_language[language] = progress.tokens_by_language.get(language, 0) + count
+        progress.step += 1
+        progress.consumed_samples += train.global_batch_size
+        progress.consumed_tokens += train.global_batch_size * train.seq_length
+        if self.metrics is None:
+            return
+        metrics = self.meter.metrics(
+            loss=result.loss, lr=self.engine.optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm,
+            param_norm=param_norm, loss_scale=self.engine.loss_scale(), skipped_steps=self.engine.skipped_steps(),
+            elapsed=elapsed, data_wait=data_wait, optimizer_s=result.optimizer_s,
+            consumed_samples=progress.consumed_samples, consumed_tokens=progress.consumed_tokens,
+            tokens_by_language=progress.tokens_by_language, device=self.context.device)
+        self.metrics.log(metrics, progress.step)
+        display.update(progress.step, metrics)
+
+    def _build_validation(self) -> Validation | None:
+        config, train = self.config, self.config.train
+        if not config.eval.interval:
+            return None
+        if not self.blend.validation_sets:
+            if self.context.is_main:
+                logger.warning("eval.interval=%d but data.blend lists no validation sets (valid_prefix): no "
+                               "evaluation; the data pipeline writes them (split.valid_fraction)", config.eval.interval)
+            return None
+        datasets = build_validation_datasets(self.blend, self.tokenizer, train.seq_length,
+                                             config.eval.iters * train.global_batch_size, train.seed,
+                                             self.run_dir / "data_index")
+        return Validation(datasets, self.batch_layout, config.eval.iters, train.seq_length)
+
+    def _evaluate_if_due(self) -> bool:
+        """Evaluate every ``eval.interval`` steps and after the last; True once early stopping's patience is
+        used up. Every rank sees the same losses (they are reduced over the data-parallel group)."""
+        step, eval_config = self.progress.step, self.config.eval
+        if self.validation is None or (step % eval_config.interval and step != self.config.train.max_steps):
+            return False
+        evaluation = self.validation.run(self.engine.evaluate_step)
+        if self.metrics is not None:
+            self.metrics.log_eval(evaluation, step)
+            notify(f"validation at step {step}: loss {evaluation['loss']:.4f}, perplexity "
+                   f"{evaluation['perplexity']:.2f} over {len(evaluation['languages'])} languages")
+        progress = self.progress
+        if progress.best_valid_loss is None or evaluation["loss"] < progress.best_valid_loss:
+            progress.best_valid_loss, progress.evals_without_improvement = evaluation["loss"], 0
+        else:
+            progress.evals_without_improvement += 1
+        patience = eval_config.early_stop_patience
+        return bool(patience) and progress.evals_without_improvement >= patience
+
     def save(self) -> Path:
         return self.checkpoints.save(self.engine.engine, self.scheduler, self.progress)
 
     def _print_summary(self) -> None:
         latest = latest_checkpoint(self.checkpoints_dir)
-        print_summary({
+        rows = {
             "run directory": str(self.run_dir.resolve()),
-            "metrics": str((self.run_dir / "metrics.jsonl").resolve()),
+            "metrics": str((self.run_dir / METRICS_FILE).resolve()),
             "checkpoint": str(latest.resolve()) if latest else "(none)",
             "W&B files": str(self.wandb_files or "(W&B disabled)"),
-        })
+        }
+        if self.config.logging.tensorboard:
+            rows["TensorBoard"] = f"tensorboard --logdir {(self.run_dir / TENSORBOARD_DIR).resolve()}"
+        evaluations = read_metrics(self.run_dir, EVAL_FILE)
+        if evaluations:
+            first, last = evaluations[0], evaluations[-1]
+            rows["validation"] = (f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
+                                  f"(step {last['step']}), {(self.run_dir / EVAL_FILE).resolve()}")
+            for language, values in last["languages"].items():
+                before = first["languages"].get(language, {}).get("loss", float("nan"))
+                rows[f"  valid {language}"] = f"loss {before:.3f} -> {values['loss']:.3f}"
+        print_summary(rows)
 

@@ -6,9 +6,11 @@ pipeline (``python -m data_tools.pipeline``) writes the same outputs from raw we
     python -m data_tools.sample [CACHE_DIR]
 
 Output, under ``CACHE_DIR/sample-<hash>/``: ``tokenizer/tokenizer.model`` (sentencepiece BPE with
-byte fallback, BLOOM's special-token ids), ``tokens/<lang>.bin|.idx`` (Megatron indexed datasets,
-EOS after each document) and ``blend.json``. The folder is built aside and renamed into place, under
-a file lock, so concurrent ranks or runs never see a half-written sample.
+byte fallback, BLOOM's special-token ids, trained on the training documents), ``tokens/<lang>.bin|.idx``
+(Megatron indexed datasets, EOS after each document), ``tokens/valid/<lang>.bin|.idx`` (each language's
+held-out validation articles, chosen as the pipeline chooses them) and ``blend.json``. The folder is
+built aside and renamed into place, under a file lock, so concurrent ranks or runs never see a
+half-written sample.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from bloomtrain.data.blend import Blend, BlendEntry, temperature_weights, write_blend
 from data_tools.token_files import write_token_files
 from data_tools.tokenizer_training import SPECIAL_IDS, train_tokenizer
+from data_tools.validation_split import split_key, validation_mask
 
 SAMPLE_CORPUS = Path(__file__).resolve().parent / "samples" / "udhr_sample.jsonl"
 SAMPLE_VOCAB_SIZE = 4096  # bloom-tiny's vocab_size
 LANGUAGE_ALPHA = 0.3  # BLOOM's temperature for the language mixture
+VALID_FRACTION = 0.1  # 3 of each language's 31 articles are held out for validation
 
 
 def read_documents(path: Path) -> Iterator[dict]:
@@ -43,7 +49,7 @@ def prepare_sample(cache_dir: str | Path, corpus: Path = SAMPLE_CORPUS,
     """Return the sample's blend file, preparing it first if this cache has none."""
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = hashlib.sha256(corpus.read_bytes() + f"{vocab_size}:{LANGUAGE_ALPHA}:v2".encode())
+    fingerprint = hashlib.sha256(corpus.read_bytes() + f"{vocab_size}:{LANGUAGE_ALPHA}:{VALID_FRACTION}:v3".encode())
     target = cache_dir / f"sample-{fingerprint.hexdigest()[:12]}"
     blend_path = target / "blend.json"
     with open(cache_dir / ".sample.lock", "w") as lock:
@@ -58,15 +64,21 @@ def prepare_sample(cache_dir: str | Path, corpus: Path = SAMPLE_CORPUS,
 
 
 def _build(corpus: Path, out: Path, vocab_size: int) -> None:
-    documents_by_lang: dict[str, list[str]] = defaultdict(list)
-    for doc in read_documents(corpus):
-        documents_by_lang[doc["lang"]].append(doc["text"])
-    all_texts = [text for texts in documents_by_lang.values() for text in texts]
+    documents = list(read_documents(corpus))
+    keys = np.array([split_key(doc["id"], doc["text"]) for doc in documents], dtype=np.uint64)
+    held_out = validation_mask(keys, [doc["lang"] for doc in documents], VALID_FRACTION, 1, len(documents))
+    by_split: dict[str, dict[str, list[str]]] = {"train": defaultdict(list), "valid": defaultdict(list)}
+    for doc, valid in zip(documents, held_out, strict=True):
+        by_split["valid" if valid else "train"][doc["lang"]].append(doc["text"])
+    train_texts = [text for texts in by_split["train"].values() for text in texts]
     (out / "tokenizer").mkdir(parents=True)
-    tokenizer = train_tokenizer(all_texts, out / "tokenizer" / "tokenizer", vocab_size)
-    counts = write_token_files(documents_by_lang, tokenizer, out / "tokens", SPECIAL_IDS["eos_id"])
+    tokenizer = train_tokenizer(train_texts, out / "tokenizer" / "tokenizer", vocab_size)
+    counts = write_token_files(by_split["train"], tokenizer, out / "tokens", SPECIAL_IDS["eos_id"])
+    valid_counts = write_token_files(by_split["valid"], tokenizer, out / "tokens" / "valid", SPECIAL_IDS["eos_id"])
     weights = temperature_weights(counts, LANGUAGE_ALPHA)
-    entries = [BlendEntry(prefix=f"tokens/{lang}", weight=weights[lang], lang=lang, tokens=counts[lang])
+    entries = [BlendEntry(prefix=f"tokens/{lang}", weight=weights[lang], lang=lang, tokens=counts[lang],
+                          valid_prefix=f"tokens/valid/{lang}" if lang in valid_counts else None,
+                          valid_tokens=valid_counts.get(lang, 0))
                for lang in sorted(counts)]
     write_blend(out / "blend.json", Blend(tokenizer="tokenizer/tokenizer.model", datasets=entries))
 

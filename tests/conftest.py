@@ -36,6 +36,11 @@ def sample_cache(tmp_path_factory) -> Path:
     return cache
 
 
+def no_eval_unless_asked(overrides) -> list[str]:
+    """``eval.interval=0`` unless the overrides set it: most tests train a few steps and check other things."""
+    return [] if any(item.startswith("eval.interval=") for item in overrides) else ["eval.interval=0"]
+
+
 def run_train(overrides: list[str], cwd: Path = REPO, check: bool = True, timeout: float = 600,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m bloomtrain.train`` as a user would; returns the finished process."""
@@ -84,6 +89,35 @@ def save_byte_level_bpe(texts: list[str], vocab_size: int, out_dir: Path, **spec
     names = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", **special_tokens}
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(out_dir)
     return out_dir
+
+
+def read_wandb_history(run_dir: Path) -> list[dict]:
+    """The history rows (``run.log`` calls) of every offline W&B session of a run, read from W&B's own
+    transaction logs (``run-*.wandb``: a 7-byte W&B header, then LevelDB-style log records in 32 KiB blocks,
+    each a ``Record`` protobuf)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, position, pending = path.read_bytes(), 7, b""
+        while position + 7 <= len(data):
+            room = 32768 - position % 32768
+            length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+            if room < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+                position += room
+                continue
+            pending += data[position + 7:position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                pending = b""
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                 for item in record.history.item})
+    return rows
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,12 @@ import torch
 
 from bloomtrain.checkpoint import store
 from bloomtrain.metrics import read_metrics
-from tests.conftest import REPO, _free_port, run_torchrun, run_train
+from tests.conftest import REPO, _free_port, no_eval_unless_asked, run_torchrun, run_train
 
 
 def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
-            "optimizer.warmup_steps=2", "logging.wandb.mode=disabled", *extra]
+            "optimizer.warmup_steps=2", "logging.wandb.mode=disabled", *no_eval_unless_asked(extra), *extra]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -311,7 +311,7 @@ def test_continued_pretraining_of_a_hugging_face_bloom_on_its_own_tokenizer(tmp_
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(data / "tokenizer")
     cleaned = [json.loads(line) for path in sorted((data / "cleaned").glob("*.jsonl"))
                for line in path.read_text(encoding="utf-8").splitlines()]
-    english = [d["text"] for d in cleaned if d["lang"] == "en"]
+    english = [d["text"] for d in cleaned if d["lang"] == "en" and d["split"] == "train"]
     tokens = IndexedDataset(str(data / "tokens" / "en"))
     assert len(tokens) == len(english) > 0
     for i, text in enumerate(english):

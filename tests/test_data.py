@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -11,6 +12,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from bloomtrain.data.blend import Blend, BlendEntry, read_blend, temperature_weights, write_blend
 from bloomtrain.data.loader import BatchLayout, MicroBatchSampler
 from data_tools.sample import SAMPLE_CORPUS, SAMPLE_VOCAB_SIZE, prepare_sample, read_documents
+from data_tools.validation_split import split_key, validation_mask
 
 
 def test_sample_corpus_is_multilingual_and_small():
@@ -32,14 +34,39 @@ def test_prepared_tokens_decode_to_the_text(sample_cache):
         texts_by_lang.setdefault(doc["lang"], []).append(doc["text"])
     assert {entry.lang for entry in blend.datasets} == set(texts_by_lang)
     for entry in blend.datasets:
-        dataset = IndexedDataset(entry.prefix)
-        assert len(dataset) == len(texts_by_lang[entry.lang])
-        assert sum(len(dataset[i]) for i in range(len(dataset))) == entry.tokens
-        for i, text in enumerate(texts_by_lang[entry.lang]):
-            ids = dataset[i].tolist()
-            assert ids[-1] == processor.eos_id()
-            assert processor.decode(ids[:-1]) == text
+        decoded = {}
+        for split, prefix, tokens in (("train", entry.prefix, entry.tokens),
+                                      ("valid", entry.valid_prefix, entry.valid_tokens)):
+            dataset = IndexedDataset(prefix)
+            assert sum(len(dataset[i]) for i in range(len(dataset))) == tokens
+            decoded[split] = []
+            for i in range(len(dataset)):
+                ids = dataset[i].tolist()
+                assert ids[-1] == processor.eos_id()
+                decoded[split].append(processor.decode(ids[:-1]))
+        # Every article is in exactly one split, in the corpus' order; 3 of each language's 31 are held out.
+        texts = texts_by_lang[entry.lang]
+        assert len(decoded["valid"]) == 3 and not set(decoded["train"]) & set(decoded["valid"])
+        for split in ("train", "valid"):
+            assert decoded[split] == [text for text in texts if text in set(decoded[split])]
+        assert sorted(decoded["train"] + decoded["valid"]) == sorted(texts)
     assert sum(blend.weights) == pytest.approx(1.0)
+
+
+def test_validation_split_is_deterministic_bounded_and_per_language():
+    keys = np.array([split_key(f"doc-{i}", f"text {i}") for i in range(300)], dtype=np.uint64)
+    languages = ["en"] * 200 + ["yo"] * 95 + ["zu"] * 5
+    valid = validation_mask(keys, languages, valid_fraction=0.05, min_documents=2, max_documents=8)
+    chosen = {lang: [i for i, (lang_, v) in enumerate(zip(languages, valid, strict=True)) if v and lang_ == lang]
+              for lang in ("en", "yo", "zu")}
+    assert [len(chosen[lang]) for lang in ("en", "yo", "zu")] == [8, 5, 2]  # capped, 5% of 95, the minimum
+    # The held-out documents are those with the smallest keys: the same whatever order they come in.
+    assert chosen["yo"] == sorted(sorted(range(200, 295), key=lambda i: keys[i])[:5])
+    reordered = validation_mask(keys[::-1].copy(), languages[::-1], 0.05, 2, 8)[::-1]
+    assert np.array_equal(reordered, valid)
+    # A language keeps at least one training document.
+    assert validation_mask(keys[:2], ["xx", "xx"], 0.9, 5, 10).tolist().count(True) == 1
+    assert not validation_mask(keys[:1], ["xx"], 0.5, 1, 10).any()
 
 
 def test_prepare_sample_reuses_its_cache(sample_cache):

@@ -12,7 +12,7 @@ from transformers.models.bloom import modeling_bloom
 from bloomtrain.config import ModelConfig
 from bloomtrain.config_loader import load_config
 from bloomtrain.convert import from_hf
-from bloomtrain.model import Bloom, alibi_slopes, build_model, count_parameters
+from bloomtrain.model import Bloom, KVCache, alibi_slopes, build_model, count_parameters
 
 
 @pytest.mark.parametrize("heads", [1, 4, 6, 8, 12, 16, 32, 112])
@@ -45,6 +45,17 @@ def test_logits_equal_transformers(heads, hidden):
     assert ours.shape == (2, 37, 1024)  # vocab padded to a multiple of 128
     assert expected.abs().max() > 1.0
     torch.testing.assert_close(ours[..., :1000], expected, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_the_full_forward():
+    model = from_hf(_random_hf_bloom(8, 64)).eval()
+    input_ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        full = model(input_ids)
+        cache = KVCache()
+        pieces = [model(input_ids[:, :5], cache)] + [model(input_ids[:, i:i + 1], cache) for i in range(5, 12)]
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
 
 PUBLISHED = {"bloom-560m": 559e6, "bloom-1b1": 1.065e9, "bloom-1b7": 1.722e9, "bloom-3b": 3.003e9,

@@ -11,10 +11,10 @@ import torch
 
 from bloomtrain.config import ConfigError
 from bloomtrain.config_loader import load_config
-from bloomtrain.metrics import read_metrics
+from bloomtrain.metrics import EVAL_FILE, read_metrics
 from bloomtrain.model import Bloom, count_parameters
 from bloomtrain.parallel.layout import ParallelLayout, resolve_layout
-from tests.conftest import REPO, run_torchrun
+from tests.conftest import REPO, no_eval_unless_asked, run_torchrun
 
 STEPS = 5
 
@@ -23,7 +23,7 @@ def _overrides(run_dir, cache, *extra):
     # A small clip makes clipping active, so a wrong global gradient norm would change the losses.
     return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", f"train.max_steps={STEPS}",
             "train.seq_length=64", "optimizer.warmup_steps=2", "optimizer.grad_clip=0.3",
-            "logging.wandb.mode=disabled", "checkpoint.interval=0", *extra]
+            "logging.wandb.mode=disabled", "checkpoint.interval=0", *no_eval_unless_asked(extra), *extra]
 
 
 def _train(tmp_path, cache, name, tensor=1, pipeline=1, data=1, *extra):
@@ -87,6 +87,25 @@ def test_activation_checkpointing_changes_nothing(tmp_path, sample_cache, refere
 
 
 @pytest.mark.multiprocess
+def test_validation_per_language_is_the_same_under_every_layout(tmp_path, sample_cache):
+    """Forward-only evaluation (pipeline included) over the same fixed samples, reduced over data parallel."""
+    evaluations = {}
+    for layout in [(1, 1, 1), (2, 2, 1), (1, 2, 2)]:
+        name = "tp{}-pp{}-dp{}".format(*layout)
+        _train(tmp_path, sample_cache, name, *layout, f"eval.interval={STEPS}", "eval.iters=1")
+        evaluations[layout] = read_metrics(tmp_path / name, EVAL_FILE)
+    single = evaluations.pop((1, 1, 1))
+    assert [e["step"] for e in single] == [STEPS] and len(single[0]["languages"]) == 16
+    for layout, evaluation in evaluations.items():
+        assert [e["step"] for e in evaluation] == [STEPS]
+        assert evaluation[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5), layout
+        for language, values in single[0]["languages"].items():
+            got = evaluation[0]["languages"][language]
+            assert got["loss"] == pytest.approx(values["loss"], rel=1e-5), (layout, language)
+            assert got["tokens"] == values["tokens"]
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("precision,layout,zero", [("bf16", (2, 2, 1), 1), ("fp16", (1, 1, 2), 2),
                                                    ("bf16", (1, 1, 1), 0)])
 def test_half_precision_tracks_fp32(precision, layout, zero, tmp_path, sample_cache, reference):
@@ -95,6 +114,10 @@ def test_half_precision_tracks_fp32(precision, layout, zero, tmp_path, sample_ca
     for got, want in zip(metrics, reference, strict=True):
         assert got["loss"] == got["loss"]  # not NaN
         assert got["loss"] == pytest.approx(want["loss"], rel=0.01)
+        if precision == "fp16":  # DeepSpeed's dynamic loss scale, reported every step
+            assert got["loss_scale"] >= 1 and got["skipped_steps"] >= 0
+        else:
+            assert got["loss_scale"] is None
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 

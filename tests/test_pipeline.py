@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -139,21 +140,56 @@ def test_token_files_decode_to_the_cleaned_text(one_worker):
 
     out, _ = one_worker
     processor = spm.SentencePieceProcessor(model_file=str(out / "tokenizer" / "tokenizer.model"))
-    by_language: dict[str, list[str]] = {}
-    for path in sorted((out / "cleaned").glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            by_language.setdefault(record["lang"], []).append(record["text"])
+    by_split: dict[str, dict[str, list[str]]] = {"train": {}, "valid": {}}
+    for record in _cleaned(out):
+        by_split[record["split"]].setdefault(record["lang"], []).append(record["text"])
     blend = json.loads((out / "blend.json").read_text())
-    assert {entry["lang"] for entry in blend["datasets"]} == set(by_language)
+    assert {entry["lang"] for entry in blend["datasets"]} == set(by_split["train"])
+    assert {entry["lang"] for entry in blend["datasets"] if entry["valid_prefix"]} == set(by_split["valid"])
     assert sum(entry["weight"] for entry in blend["datasets"]) == pytest.approx(1.0)
-    for language, texts in by_language.items():
-        dataset = IndexedDataset(str(out / "tokens" / language))
-        assert len(dataset) == len(texts)
-        for index in range(0, len(texts), 7):
-            ids = dataset[index].tolist()
-            assert ids[-1] == processor.eos_id()
-            assert processor.decode(ids[:-1]) == texts[index]
+    for split, folder in (("train", out / "tokens"), ("valid", out / "tokens" / "valid")):
+        for language, texts in by_split[split].items():
+            dataset = IndexedDataset(str(folder / language))
+            assert len(dataset) == len(texts)
+            for index in range(0, len(texts), 7 if split == "train" else 1):
+                ids = dataset[index].tolist()
+                assert ids[-1] == processor.eos_id()
+                assert processor.decode(ids[:-1]) == texts[index]
+
+
+def _cleaned(out: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted((out / "cleaned").glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_validation_documents_are_held_out_and_no_duplicate_leaks_across(one_worker):
+    """Each language holds out 1% of its documents (at least one); a document is in exactly one split, and
+    no validation document has an exact or near duplicate among the training documents."""
+    from data_tools.minhash import MinHasher, estimated_jaccard
+    from data_tools.steps.dedup_exact import dedup_key
+
+    out, _ = one_worker
+    records = _cleaned(out)
+    assert len({record["id"] for record in records}) == len(records)  # each document once, in one split
+    valid = [record for record in records if record["split"] == "valid"]
+    train = [record for record in records if record["split"] == "train"]
+    documents = Counter(record["lang"] for record in records)
+    held_out = Counter(record["lang"] for record in valid)
+    # At least one per language, never a language's only document; 1% of 31 articles rounds to none.
+    assert held_out == {language: 1 for language, count in documents.items() if count >= 2}, (held_out, documents)
+    # Dedup ran first: no validation text has an exact (normalised) copy among the training texts ...
+    train_keys = {dedup_key(r["text"]) for r in train}
+    assert not any(dedup_key(r["text"]) in train_keys for r in valid)
+    # ... nor a near copy (MinHash estimate at the dedup threshold).
+    hasher = MinHasher()
+    valid_signatures = hasher.signatures([r["text"] for r in valid], [r["lang"] for r in valid])
+    train_signatures = hasher.signatures([r["text"] for r in train], [r["lang"] for r in train])
+    closest = max(estimated_jaccard(v, t) for v in valid_signatures for t in train_signatures)
+    assert closest < 0.8, closest  # the near-dedup threshold: nothing that close crosses over
+    split_stats = json.loads((out / "report" / "report.json").read_text())
+    assert {"valid_documents": len(valid)}.items() <= next(
+        step for step in split_stats["steps"] if step["step"] == "dedup")["counters"].items()
 
 
 @pytest.mark.slow
@@ -298,3 +334,9 @@ def test_trainer_trains_from_the_pipeline_output(one_worker, tmp_path):
                "logging.wandb.mode=disabled"])
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6 and np.isfinite(losses).all() and losses[-1] < losses[0]
+    # The held-out files the pipeline wrote are evaluated at the end, per language.
+    evaluation = json.loads((run_dir / "eval.jsonl").read_text().splitlines()[-1])
+    languages = {entry["lang"] for entry in json.loads((out / "blend.json").read_text())["datasets"]
+                 if entry["valid_prefix"]}
+    assert evaluation["step"] == 6 and set(evaluation["languages"]) == languages
+    assert np.isfinite([values["loss"] for values in evaluation["languages"].values()]).all()

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bloomtrain.metrics import read_metrics
-from tests.conftest import REPO, run_train
+from bloomtrain.data.blend import read_blend
+from bloomtrain.metrics import EVAL_FILE, read_metrics
+from tests.conftest import REPO, read_wandb_history, run_train
 
 pytestmark = pytest.mark.slow  # every test here trains (the quickstart with two processes)
 
@@ -35,7 +38,13 @@ def test_run_directory_layout(tmp_path, sample_cache):
     assert [m["step"] for m in metrics] == list(range(1, 13))
     assert all(METRIC_KEYS <= set(m) for m in metrics)
     assert metrics[-1]["consumed_samples"] == 12 * 16
-    assert all(m["tokens_per_s"] > 0 and 0 < m["mfu"] for m in metrics)
+    assert all(m["tokens_per_s"] > 0 and 0 < m["mfu"] == m["hfu"] <= 1 for m in metrics)  # never over 100%
+    last = metrics[-1]
+    assert last["samples_per_s"] * 64 == pytest.approx(last["tokens_per_s"]) and last["param_norm"] > 0
+    assert last["data_wait_s"] + last["compute_s"] > last["optimizer_s"] > 0 and last["peak_memory_gb"] > 0
+    assert last["loss_scale"] is None and last["skipped_steps"] is None  # fp32
+    per_language = {key: value for key, value in last.items() if key.startswith("tokens/")}
+    assert len(per_language) == 16 and sum(per_language.values()) == last["consumed_tokens"] == 12 * 16 * 64
 
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step_12"
@@ -69,6 +78,78 @@ def test_restart_resumes_from_latest(tmp_path, sample_cache):
     assert run_ids == {meta["progress"]["wandb_run_id"]}  # both sessions logged to one W&B run
 
 
+def test_evaluation_is_logged_everywhere_and_consistent_across_a_resume(tmp_path, sample_cache):
+    """Per-language validation every 3 steps: eval.jsonl, TensorBoard (read back with its own reader) and the
+    offline W&B run; a run stopped at step 3 and resumed evaluates to the same numbers as one that was not."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ("train.max_steps=6", "optimizer.decay_steps=6", "eval.interval=3", "eval.iters=1",
+              "logging.tensorboard=true")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(_tiny(straight, sample_cache, *common, "logging.wandb.mode=disabled"))
+    run_train(_tiny(resumed, sample_cache, *common[1:], "train.max_steps=3"))
+    result = run_train(_tiny(resumed, sample_cache, *common))
+    assert "resumed from" in result.stderr
+
+    want, got = read_metrics(straight, EVAL_FILE), read_metrics(resumed, EVAL_FILE)
+    assert [e["step"] for e in got] == [e["step"] for e in want] == [3, 6]
+    languages = {entry.lang for entry in read_blend(next(sample_cache.glob("sample-*/blend.json"))).datasets}
+    for before, after in zip(want, got, strict=True):
+        assert set(after["languages"]) == languages and after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+        for language, values in after["languages"].items():
+            assert values["loss"] == pytest.approx(before["languages"][language]["loss"], rel=1e-6)
+            assert values["perplexity"] == pytest.approx(math.exp(values["loss"]))
+            assert values["tokens"] == 16 * 64
+    assert got[-1]["loss"] < got[0]["loss"]
+    assert "validation" in result.stdout and "valid en" in result.stdout  # the closing summary
+
+    events = EventAccumulator(str(resumed / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("valid/loss")] == [3, 6]  # no step twice after the resume
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 7))
+    assert events.Scalars("valid/en/loss")[-1].value == pytest.approx(got[-1]["languages"]["en"]["loss"])
+
+    history = read_wandb_history(resumed)  # both sessions, from W&B's own offline files
+    assert [row["_step"] for row in history] == list(range(1, 7))
+    evaluated = {row["_step"]: row for row in history if "valid/loss" in row}
+    assert sorted(evaluated) == [3, 6] and evaluated[6]["valid/loss"] == pytest.approx(got[-1]["loss"])
+    assert {f"valid/{language}/perplexity" for language in languages} <= set(evaluated[6])
+
+    # The standalone evaluator, on the run directory, reads the same samples: the same numbers.
+    standalone = subprocess.run([sys.executable, "-m", "bloomtrain.evaluate", str(straight), "--json", "-"],
+                                cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert standalone.returncode == 0, standalone.stderr[-3000:]
+    evaluation = json.loads(standalone.stdout)
+    assert evaluation["loss"] == pytest.approx(want[-1]["loss"], rel=1e-5)
+    for language, values in want[-1]["languages"].items():
+        assert evaluation["languages"][language]["loss"] == pytest.approx(values["loss"], rel=1e-5), language
+    # Exported to Hugging Face: scored over the real vocabulary only, so close to, not equal to, the run's.
+    subprocess.run([sys.executable, "-m", "bloomtrain.convert", "to-hf", str(straight), str(tmp_path / "hf")],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    blend = next(sample_cache.glob("sample-*/blend.json"))
+    hf = subprocess.run([sys.executable, "-m", "bloomtrain.evaluate", str(tmp_path / "hf"), f"data.blend={blend}",
+                         "train.seq_length=64", "eval.iters=1", f"data.cache_dir={sample_cache}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    overall = float(hf.stdout.strip().splitlines()[-1].split()[1])
+    assert overall == pytest.approx(want[-1]["loss"], rel=1e-2)
+
+
+def test_early_stopping_on_validation_loss(tmp_path, sample_cache):
+    """A diverging run (a huge learning rate) stops once validation has not improved for 1 evaluation."""
+    run_dir = tmp_path / "run"
+    result = run_train(_tiny(run_dir, sample_cache, "train.max_steps=20", "optimizer.lr=50", "optimizer.min_lr=50",
+                             "eval.interval=2", "eval.iters=1", "eval.early_stop_patience=1",
+                             "logging.wandb.mode=disabled"))
+    evaluations = read_metrics(run_dir, EVAL_FILE)
+    assert [e["step"] for e in evaluations] == [2, 4] and not evaluations[1]["loss"] < evaluations[0]["loss"]
+    assert "stopped early after step 4" in result.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
+    meta = json.loads((run_dir / "checkpoints" / "step_4" / "meta.json").read_text())
+    assert meta["progress"]["evals_without_improvement"] == 1
+    assert meta["progress"]["best_valid_loss"] == pytest.approx(evaluations[0]["loss"], nan_ok=True)
+
+
 def test_resume_refuses_a_different_model(tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     run_train(_tiny(run_dir, sample_cache, "train.max_steps=3", "logging.wandb.mode=disabled"))
@@ -98,3 +179,14 @@ def test_quickstart_command(tmp_path, sample_cache):
     assert list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
     for label in ("run directory", "checkpoint", "W&B files"):
         assert label in result.stdout
+    # Validation every 100 steps on each language's held-out articles: falling for every language, and
+    # shown in the closing summary and the report.
+    evaluations = read_metrics(run_dir, EVAL_FILE)
+    assert [e["step"] for e in evaluations] == [100, 200, 300]
+    first, last = evaluations[0]["languages"], evaluations[-1]["languages"]
+    assert len(last) == 16 and all(last[language]["loss"] < first[language]["loss"] for language in last)
+    assert "valid en" in result.stdout and "valid zh" in result.stdout
+    report = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert report["last_valid_loss"] == pytest.approx(evaluations[-1]["loss"])
+    assert "| zh |" in (run_dir / "report" / "summary.md").read_text()
+    assert (run_dir / "report" / "curves.png").exists() and list((run_dir / "tensorboard").glob("events.*"))

@@ -44,6 +44,9 @@ class TrainingProgress:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     wandb_run_id: str | None = None
+    tokens_by_language: dict[str, int] = dataclasses.field(default_factory=dict)
+    best_valid_loss: float | None = None  # for eval.early_stop_patience
+    evals_without_improvement: int = 0
 
 
 @dataclass(frozen=True)

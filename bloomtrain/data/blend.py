@@ -4,10 +4,12 @@ Written by the data pipeline (and by the bundled sample's preparation), read by 
 ``data.blend=PATH``. JSON, with paths relative to the file's own directory::
 
     {"tokenizer": "tokenizer/tokenizer.model",
-     "datasets": [{"prefix": "tokens/en", "lang": "en", "tokens": 12345, "weight": 0.12}, ...]}
+     "datasets": [{"prefix": "tokens/en", "lang": "en", "tokens": 12345, "weight": 0.12,
+                   "valid_prefix": "tokens/valid/en", "valid_tokens": 321}, ...]}
 
-``prefix`` names a Megatron ``PREFIX.bin``/``PREFIX.idx`` pair; ``tokenizer`` is what megatron-core's
-``MegatronTokenizer`` loads: a sentencepiece model's file, or a Hugging Face tokenizer's folder.
+``prefix`` names a Megatron ``PREFIX.bin``/``PREFIX.idx`` pair of training tokens, ``valid_prefix`` (optional)
+the language's held-out validation tokens: a document is in exactly one of them. ``tokenizer`` is what
+megatron-core's ``MegatronTokenizer`` loads: a sentencepiece model's file, or a Hugging Face tokenizer's folder.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class BlendEntry:
     weight: float
     lang: str = ""
     tokens: int = 0
+    valid_prefix: str | None = None
+    valid_tokens: int = 0
 
 
 @dataclass
@@ -37,6 +41,12 @@ class Blend:
     @property
     def weights(self) -> list[float]:
         return [entry.weight for entry in self.datasets]
+
+    @property
+    def validation_sets(self) -> dict[str, str]:
+        """Language -> validation prefix, for the languages that have one."""
+        return {entry.lang or Path(entry.prefix).name: entry.valid_prefix for entry in self.datasets
+                if entry.valid_prefix}
 
 
 def temperature_weights(token_counts: dict[str, int], alpha: float) -> dict[str, float]:
@@ -62,7 +72,9 @@ def read_blend(path: str | Path) -> Blend:
         payload = json.loads(path.read_text())
         root = path.parent
         entries = [
-            BlendEntry(**{**entry, "prefix": str((root / entry["prefix"]).resolve())})
+            BlendEntry(**{**entry, "prefix": str((root / entry["prefix"]).resolve()),
+                          "valid_prefix": str((root / entry["valid_prefix"]).resolve())
+                          if entry.get("valid_prefix") else None})
             for entry in payload["datasets"]
         ]
         blend = Blend(tokenizer=str((root / payload["tokenizer"]).resolve()), datasets=entries)
@@ -71,9 +83,10 @@ def read_blend(path: str | Path) -> Blend:
     if not entries:
         raise ValueError(f"data.blend={path} lists no datasets")
     for entry in entries:
-        for suffix in (".bin", ".idx"):
-            if not Path(entry.prefix + suffix).is_file():
-                raise FileNotFoundError(f"data.blend={path}: missing {entry.prefix}{suffix}")
+        for prefix in (entry.prefix, entry.valid_prefix):
+            for suffix in (".bin", ".idx"):
+                if prefix is not None and not Path(prefix + suffix).is_file():
+                    raise FileNotFoundError(f"data.blend={path}: missing {prefix}{suffix}")
     if not Path(blend.tokenizer).exists():
         raise FileNotFoundError(f"data.blend={path}: missing tokenizer {blend.tokenizer}")
     return blend

@@ -51,10 +51,31 @@ def load_tokenizer(path: str):
 def build_train_dataset(blend: Blend, tokenizer, seq_length: int, num_samples: int, seed: int,
                         index_cache_dir: Path) -> Dataset:
     """megatron-core's (blended) GPT dataset over the blend's prefixes, ``num_samples`` long."""
+    weights = blend.weights if len(blend.prefixes) > 1 else None
+    return _gpt_dataset(blend.prefixes, weights, 0, tokenizer, seq_length, num_samples, seed, index_cache_dir)
+
+
+def build_validation_datasets(blend: Blend, tokenizer, seq_length: int, num_samples: int, seed: int,
+                              index_cache_dir: Path) -> dict[str, Dataset]:
+    """Per language, megatron-core's GPT dataset over its held-out tokens, ``num_samples`` long.
+
+    The same seed gives the same samples every time, so each evaluation measures the same text.
+    """
+    return {language: _gpt_dataset([prefix], None, 1, tokenizer, seq_length, num_samples, seed, index_cache_dir)
+            for language, prefix in sorted(blend.validation_sets.items())}
+
+
+def _gpt_dataset(prefixes: list[str], weights: list[float] | None, split: int, tokenizer, seq_length: int,
+                 num_samples: int, seed: int, index_cache_dir: Path) -> Dataset:
+    """megatron-core's (blended) GPT dataset as its ``split`` (0 train, 1 validation)."""
+    blend_per_split = [None, None, None]
+    blend_per_split[split] = (prefixes, weights)
+    sizes = [None, None, None]
+    sizes[split] = num_samples
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend_per_split=[(blend.prefixes, blend.weights if len(blend.prefixes) > 1 else None), None, None],
+        blend_per_split=blend_per_split,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -62,8 +83,7 @@ def build_train_dataset(blend: Blend, tokenizer, seq_length: int, num_samples: i
         create_attention_mask=False,  # causal masking happens inside attention
         path_to_cache=str(index_cache_dir),
     )
-    train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None], lambda: True, config).build()
-    return train
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[split]
 
 
 class MicroBatchSampler(Sampler[list[int]]):

@@ -3,10 +3,11 @@
 from bloomtrain.model.bloom import (
     Bloom,
     BloomBlock,
+    KVCache,
     alibi_slopes,
     build_model,
     count_parameters,
     init_bloom_weights,
 )
 
-__all__ = ["Bloom", "BloomBlock", "alibi_slopes", "build_model", "count_parameters", "init_bloom_weights"]
+__all__ = ["Bloom", "BloomBlock", "KVCache", "alibi_slopes", "build_model", "count_parameters", "init_bloom_weights"]

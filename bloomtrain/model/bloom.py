@@ -41,17 +41,40 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-def alibi_causal_bias(slopes: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive attention bias [1, heads, seq, seq]: ALiBi (slope x key position) plus the causal mask.
+def alibi_causal_bias(slopes: torch.Tensor, seq_length: int, dtype: torch.dtype,
+                      key_length: int | None = None) -> torch.Tensor:
+    """Additive attention bias [1, heads, seq, keys]: ALiBi (slope x key position) plus the causal mask.
 
+    The queries are the last ``seq_length`` of ``key_length`` positions (all of them without a KV cache).
     Using the key position rather than (key - query) distance is BLOOM's choice: the two differ by a
     per-row constant, which softmax ignores.
     """
-    positions = torch.arange(seq_length, device=slopes.device, dtype=torch.float32)
+    key_length = key_length or seq_length
+    positions = torch.arange(key_length, device=slopes.device, dtype=torch.float32)
     bias = slopes.float()[:, None, None] * positions[None, None, :]
-    causal = torch.ones(seq_length, seq_length, device=slopes.device, dtype=torch.bool).triu(1)
+    causal = torch.ones(seq_length, key_length, device=slopes.device, dtype=torch.bool).triu(
+        1 + key_length - seq_length)
     bias = bias.masked_fill(causal, float("-inf"))
     return bias.unsqueeze(0).to(dtype)
+
+
+class KVCache:
+    """Each layer's keys and values of the positions seen so far, for generating one token at a time."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def extend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's [batch, heads, seq, dim] keys and values; return all of them so far."""
+        if layer in self.layers:
+            past_key, past_value = self.layers[layer]
+            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
+        self.layers[layer] = (key, value)
+        return key, value
 
 
 class BloomAttention(nn.Module):
@@ -65,7 +88,7 @@ class BloomAttention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.register_buffer("alibi_slopes", alibi_slopes(self.num_heads), persistent=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         fused = self.query_key_value(hidden)
         # Under sequence parallelism the input holds a slice of the sequence and the projection
         # gathers the rest, so the shape is read from its output.
@@ -79,7 +102,9 @@ class BloomAttention(nn.Module):
         compute_dtype = query.dtype
         if self.softmax_in_fp32 and compute_dtype in (torch.float16, torch.bfloat16):
             query, key, value = query.float(), key.float(), value.float()
-        bias = alibi_causal_bias(self.alibi_slopes, seq, query.dtype)
+        if cache is not None:
+            key, value = cache.extend(layer, key, value)
+        bias = alibi_causal_bias(self.alibi_slopes, seq, query.dtype, key.shape[2])
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         context = context.to(compute_dtype).permute(2, 0, 1, 3).reshape(seq, batch, local_heads * self.head_dim)
         return self.dense(context)
@@ -103,13 +128,16 @@ class BloomBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = BloomMLP(config)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cache, layer)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class Bloom(nn.Module):
-    """BLOOM causal LM: ``model(input_ids)`` returns logits [batch, seq, padded_vocab]."""
+    """BLOOM causal LM: ``model(input_ids)`` returns logits [batch, seq, padded_vocab].
+
+    With a :class:`KVCache`, ``input_ids`` are the positions after those the cache holds (generation).
+    """
 
     def __init__(self, config: ModelConfig, padded_vocab_size: int | None = None) -> None:
         super().__init__()
@@ -120,10 +148,10 @@ class Bloom(nn.Module):
         self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids.t()))  # [seq, batch, hidden]
-        for block in self.h:
-            hidden = block(hidden)
+        for layer, block in enumerate(self.h):
+            hidden = block(hidden) if cache is None else block(hidden, cache, layer)
         return F.linear(self.ln_f(hidden), self.word_embeddings.weight).transpose(0, 1)
 
     def init_weights(self, seed: int = 0) -> None:

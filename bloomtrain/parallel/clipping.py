@@ -34,13 +34,8 @@ class AdamWWithGlobalClipping(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"]
-                 if p.grad is not None and _counts_once(p)]
-        squares = torch.zeros((), dtype=torch.float32, device=self.param_groups[0]["params"][0].device)
-        for grad in grads:
-            squares += grad.float().pow(2).sum()
-        dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
-        norm = squares.sqrt()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = _global_norm([p.grad for p in params if _counts_once(p)], params[0].device)
         self._global_grad_norm = norm.item()
         if self.max_norm > 0:
             scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
@@ -49,6 +44,21 @@ class AdamWWithGlobalClipping(torch.optim.AdamW):
                     if p.grad is not None:
                         p.grad.mul_(scale)
         return super().step(closure)
+
+
+@torch.no_grad()
+def parameter_norm(params: Iterable[torch.Tensor]) -> float:
+    """Collective over the model-parallel group: the global L2 norm of a model's parameters."""
+    params = list(params)
+    return _global_norm([p.detach() for p in params if _counts_once(p)], params[0].device).item()
+
+
+def _global_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for tensor in tensors:
+        squares += tensor.float().pow(2).sum()
+    dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+    return squares.sqrt()
 
 
 def _counts_once(param: torch.Tensor) -> bool:

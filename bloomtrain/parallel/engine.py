@@ -10,6 +10,7 @@ The module comes from ``parallelize.py`` and the optimizer from ``bloomtrain.opt
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import deepspeed
@@ -19,7 +20,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from bloomtrain.config import ConfigError, TrainConfig
-from bloomtrain.parallel.clipping import deepspeed_clips
+from bloomtrain.parallel.clipping import deepspeed_clips, parameter_norm
 from bloomtrain.parallel.groups import MegatronModelParallelUnit
 from bloomtrain.parallel.layout import ParallelLayout
 from bloomtrain.parallel.tensor_parallel import vocab_parallel_loss
@@ -71,6 +72,7 @@ def check_precision_supported(precision: str) -> None:
 class StepResult:
     loss: float
     grad_norm: float | None
+    optimizer_s: float | None = None  # the optimizer step alone (not separable under pipeline parallelism)
 
 
 class TrainingEngine:
@@ -99,7 +101,9 @@ class TrainingEngine:
                 labels = batch["labels"].to(self.engine.device, non_blocking=True)
                 loss = vocab_parallel_loss(self.engine(tokens), labels)
                 self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
-                self.engine.step()  # an optimizer step only at the accumulation boundary
+                started = time.perf_counter()
+                self.engine.step()  # an optimizer step only at the accumulation boundary (the last)
+                optimizer_s = time.perf_counter() - started
                 total += loss.detach().float()
             total /= len(micro_batches)
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
@@ -109,7 +113,42 @@ class TrainingEngine:
             grad_norm = float(grad_norm)
             if not math.isfinite(grad_norm) or grad_norm < 0:  # an fp16 overflow step, skipped by DeepSpeed
                 grad_norm = None
-        return StepResult(loss, grad_norm)
+        return StepResult(loss, grad_norm, optimizer_s if self.layout.pipeline == 1 else None)
+
+    def loss_scale(self) -> float | None:
+        """fp16's current dynamic loss scale; None in fp32 and bf16."""
+        if not self.engine.fp16_enabled():
+            return None
+        optimizer = self.engine.optimizer
+        scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
+        return float(scale) if scale is not None else None
+
+    def skipped_steps(self) -> int | None:
+        """Optimizer steps DeepSpeed skipped on an fp16 overflow; None in fp32 and bf16."""
+        return int(self.engine.skipped_steps) if self.engine.fp16_enabled() else None
+
+    def parameter_norm(self) -> float | None:
+        """Collective over the model-parallel group: the L2 norm of all parameters, each counted once
+        (None under ZeRO 3, whose parameters are partitioned away)."""
+        if self.layout.zero_stage == 3:
+            return None
+        return parameter_norm(self.module.parameters())
+
+    @torch.no_grad()
+    def evaluate_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> float:
+        """Forward only: the mean loss of one step's micro-batches, averaged over data-parallel ranks."""
+        self.engine.eval()
+        if self.layout.pipeline > 1:
+            batches = iter([(batch["tokens"], batch["labels"]) for batch in micro_batches])
+            return self.engine.eval_batch(data_iter=batches, num_micro_batches=len(micro_batches)).item()
+        total = torch.zeros((), device=self.engine.device)
+        for batch in micro_batches:
+            tokens = batch["tokens"].to(self.engine.device, non_blocking=True)
+            labels = batch["labels"].to(self.engine.device, non_blocking=True)
+            total += vocab_parallel_loss(self.engine(tokens), labels).float()
+        total /= len(micro_batches)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return total.item() / self.layout.data
 
     def local_parameter_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())

@@ -34,7 +34,8 @@ class InputConfig:
 @dataclass
 class OutputConfig:
     dir: str = ""
-    """Everything the pipeline writes lives here: cleaned/, tokenizer/, tokens/, blend.json, report/."""
+    """Everything the pipeline writes lives here: cleaned/, tokenizer/, tokens/ (and tokens/valid/), blend.json,
+    report/."""
 
 
 @dataclass
@@ -122,6 +123,24 @@ class DedupConfig:
 
 
 @dataclass
+class SplitConfig:
+    """The held-out validation set, per language (``data_tools/validation_split.py``)."""
+
+    valid_fraction: float = 0.01
+    """Share of each language's documents held out for validation."""
+    min_valid_documents: int = 1
+    """At least this many per language (a language always keeps one training document)."""
+    max_valid_documents: int = 1000
+    """At most this many per language."""
+
+    def __post_init__(self) -> None:
+        require(0 <= self.valid_fraction < 1, "split.valid_fraction must lie in [0, 1)")
+        require(self.min_valid_documents >= 0, "split.min_valid_documents must be >= 0")
+        require(self.max_valid_documents >= self.min_valid_documents,
+                "split.max_valid_documents must be >= split.min_valid_documents")
+
+
+@dataclass
 class TokenizerConfig:
     existing: str | None = None
     """Use this tokenizer instead of training one: a sentencepiece ``.model``, a Hugging Face
@@ -166,6 +185,7 @@ class PipelineConfig:
     language_id: LanguageIdConfig = field(default_factory=LanguageIdConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
 

@@ -1,12 +1,14 @@
 """The pipeline's stages, each a function of (config, task index) that an executor can run anywhere.
 
-    clean     per shard: read -> normalise -> language id -> quality -> PII; keys for dedup
-    dedup     once: exact duplicates (first in input order wins) and MinHash near-duplicate clusters
-    split     per shard: the kept documents -> cleaned/<shard>.jsonl
-    tokenizer once: sentencepiece on a language-balanced sample (temperature alpha), or the given one
-              (a sentencepiece model or a Hugging Face tokenizer.json, e.g. BLOOM's)
-    tokenize  per shard: one partial .bin/.idx per language
-    merge     once: per language, the partials in input order -> tokens/<lang>.bin/.idx; blend.json
+    clean     per shard: read -> normalise -> language id -> quality -> PII; keys for dedup and the split
+    dedup     once: exact duplicates (first in input order wins) and MinHash near-duplicate clusters; then,
+              among the survivors, each language's held-out validation documents
+    split     per shard: the kept documents -> cleaned/<shard>.jsonl, each marked "split": train | valid
+    tokenizer once: sentencepiece on a language-balanced sample of the training documents (temperature
+              alpha), or the given one (a sentencepiece model or a Hugging Face tokenizer.json, e.g. BLOOM's)
+    tokenize  per shard: one partial .bin/.idx per language and split
+    merge     once: per language, the partials in input order -> tokens/<lang>.bin/.idx and
+              tokens/valid/<lang>.bin/.idx; blend.json
 
 Every task writes into temporary names and renames, then leaves a completion marker; a rerun skips
 tasks whose marker exists, so it redoes only unfinished work and ends with the same bytes. Because
@@ -88,6 +90,7 @@ def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
     from data_tools.steps.pii import RedactPII
     from data_tools.steps.quality import QualityFilter
     from data_tools.steps.read import DocumentReader
+    from data_tools.validation_split import split_key
 
     reader = DocumentReader(config.input.text_field, config.input.id_field, config.input.lang_field,
                             config.input.max_document_bytes)
@@ -115,6 +118,8 @@ def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
         "".join(json.dumps(d.to_json(), ensure_ascii=False) + "\n" for d in kept), encoding="utf-8"))
     _save_json(out / f"{_shard(task)}.stats.json", [s.stats.to_json() for s in (reader, *steps)])
     _save_npy(out / f"{_shard(task)}.exact.npy", np.array([dedup_key(d.text) for d in kept], dtype=np.uint64))
+    _save_npy(out / f"{_shard(task)}.split.npy", np.array([split_key(d.id, d.text) for d in kept], dtype=np.uint64))
+    _save_json(out / f"{_shard(task)}.langs.json", [d.language for d in kept])
     if config.dedup.near:
         hasher = MinHasher(config.dedup.minhash_parameters())
         _save_npy(out / f"{_shard(task)}.signatures.npy",
@@ -128,6 +133,7 @@ def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
     """Decide, over all files at once, which documents go; one boolean mask per file."""
     from data_tools.minhash import duplicate_clusters
     from data_tools.steps.dedup_exact import exact_duplicates
+    from data_tools.validation_split import validation_mask
 
     out = work_dir(config)
     keys = [np.load(out / "clean" / f"{_shard(i)}.exact.npy") for i in range(len(shards))]
@@ -142,31 +148,46 @@ def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
         survivors = np.flatnonzero(reason == 0)
         roots = duplicate_clusters(signatures[survivors], config.dedup.minhash_parameters())
         reason[survivors[roots != np.arange(survivors.size)]] = 2
+    kept = np.flatnonzero(reason == 0)
+    split_keys = np.concatenate([np.load(out / "clean" / f"{_shard(i)}.split.npy") for i in range(len(shards))]
+                                ) if keys else np.zeros(0, dtype=np.uint64)
+    languages = [lang for i in range(len(shards)) for lang in json.loads(
+        (out / "clean" / f"{_shard(i)}.langs.json").read_text())]
+    valid = np.zeros(flat_keys.size, dtype=bool)
+    valid[kept] = validation_mask(split_keys[kept], [languages[i] for i in kept], config.split.valid_fraction,
+                                  config.split.min_valid_documents, config.split.max_valid_documents)
     offsets = np.cumsum([0, *sizes])
     for i in range(len(shards)):
         _save_npy(out / "dedup" / f"{_shard(i)}.reason.npy", reason[offsets[i]:offsets[i + 1]])
+        _save_npy(out / "dedup" / f"{_shard(i)}.valid.npy", valid[offsets[i]:offsets[i + 1]])
     return Processed(int(flat_keys.size))
 
 
 # ---------------------------------------------------------------------------------------------- split
 
 DEDUP_REASONS = {1: "exact_duplicate", 2: "near_duplicate"}
+SPLITS = ("train", "valid")
+TOKEN_DIRS = {"train": "tokens", "valid": "tokens/valid"}  # under output.dir
 
 
 def split(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     out = work_dir(config)
     reasons = np.load(out / "dedup" / f"{_shard(task)}.reason.npy")
+    held_out = np.load(out / "dedup" / f"{_shard(task)}.valid.npy")
     stats = StepStats("dedup")
     lines = []
-    for record, reason in zip(_read_jsonl(out / "clean" / f"{_shard(task)}.jsonl"), reasons, strict=True):
+    for record, reason, valid in zip(_read_jsonl(out / "clean" / f"{_shard(task)}.jsonl"), reasons, held_out,
+                                     strict=True):
         document = Document(record["id"], record["text"], record["lang"])
         stats.record_in(document)
         if reason:
             stats.record_drop(DEDUP_REASONS[int(reason)], document.language)
             continue
         stats.record_out(document)
-        lines.append(json.dumps({"id": record["id"], "text": record["text"], "lang": record["lang"]},
-                                ensure_ascii=False) + "\n")
+        if valid:
+            stats.count("valid_documents")
+        lines.append(json.dumps({"id": record["id"], "text": record["text"], "lang": record["lang"],
+                                 "split": "valid" if valid else "train"}, ensure_ascii=False) + "\n")
     cleaned = Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"
     _write_atomically(cleaned, lambda p: p.write_text("".join(lines), encoding="utf-8"))
     _save_json(out / "dedup" / f"{_shard(task)}.stats.json", stats.to_json())
@@ -195,7 +216,8 @@ def tokenizer(config: PipelineConfig, task: int, shards: list[InputShard]) -> Pr
 
 
 def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
-    """Up to ``tokenizer.sample_bytes`` of cleaned text, languages weighted by (share of bytes) ** alpha."""
+    """Up to ``tokenizer.sample_bytes`` of cleaned training text (validation documents stay unseen),
+    languages weighted by (share of bytes) ** alpha."""
     from bloomtrain.data.blend import temperature_weights
 
     sizes: dict[str, int] = defaultdict(int)
@@ -210,7 +232,7 @@ def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
     texts = []
     for i in range(shards):
         for record in _read_jsonl(Path(config.output.dir) / "cleaned" / f"{_shard(i)}.jsonl"):
-            if budget[record["lang"]] > 0:
+            if record["split"] == "train" and budget[record["lang"]] > 0:
                 budget[record["lang"]] -= len(record["text"].encode("utf-8"))
                 texts.append(record["text"])
     return texts
@@ -221,18 +243,20 @@ def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
 def tokenize(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     from data_tools.token_files import write_token_files
 
-    by_language: dict[str, list[str]] = defaultdict(list)
+    by_split: dict[str, dict[str, list[str]]] = {split: defaultdict(list) for split in SPLITS}
     cleaned = Path(config.output.dir) / "cleaned" / f"{_shard(task)}.jsonl"
     for record in _read_jsonl(cleaned):
-        by_language[record["lang"]].append(record["text"])
+        by_split[record["split"]][record["lang"]].append(record["text"])
     out = work_dir(config) / "tokens" / _shard(task)
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    counts = write_token_files(by_language, Path(config.output.dir) / "tokenizer", staging)
+    counts = {split: write_token_files(by_language, Path(config.output.dir) / "tokenizer", staging / split)
+              for split, by_language in by_split.items()}
     (staging / "counts.json").write_text(json.dumps(counts))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
-    return Processed(sum(len(texts) for texts in by_language.values()), cleaned.stat().st_size)
+    documents = sum(len(texts) for by_language in by_split.values() for texts in by_language.values())
+    return Processed(documents, cleaned.stat().st_size)
 
 
 def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
@@ -244,27 +268,33 @@ def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
 
     root = Path(config.output.dir)
     dtype = token_dtype(TokenEncoder(root / "tokenizer").vocab_size)
-    totals: dict[str, int] = defaultdict(int)
-    partials: dict[str, list[Path]] = defaultdict(list)
+    totals: dict[str, dict[str, int]] = {split: defaultdict(int) for split in SPLITS}
+    partials: dict[str, dict[str, list[Path]]] = {split: defaultdict(list) for split in SPLITS}
     for i in range(len(shards)):
         shard = work_dir(config) / "tokens" / _shard(i)
-        for language, count in json.loads((shard / "counts.json").read_text()).items():
-            totals[language] += count
-            partials[language].append(shard / language)
-    tokens = root / "tokens"
-    tokens.mkdir(parents=True, exist_ok=True)
-    for language, prefixes in sorted(partials.items()):
-        staging = tokens / f"{language}.tmp"
-        builder = IndexedDatasetBuilder(f"{staging}.bin", dtype=dtype)
-        with _without_forced_garbage_collection():
-            for prefix in prefixes:
-                builder.add_index(str(prefix))
-        builder.finalize(f"{staging}.idx")
-        os.replace(f"{staging}.bin", tokens / f"{language}.bin")
-        os.replace(f"{staging}.idx", tokens / f"{language}.idx")
-    weights = temperature_weights(dict(totals), config.blend.alpha)
-    entries = [BlendEntry(prefix=f"tokens/{language}", weight=weights[language], lang=language,
-                          tokens=totals[language]) for language in sorted(totals)]
+        for split, counts in json.loads((shard / "counts.json").read_text()).items():
+            for language, count in counts.items():
+                totals[split][language] += count
+                partials[split][language].append(shard / split / language)
+    for split in SPLITS:
+        tokens = root / TOKEN_DIRS[split]
+        tokens.mkdir(parents=True, exist_ok=True)
+        for language, prefixes in sorted(partials[split].items()):
+            staging = tokens / f"{language}.tmp"
+            builder = IndexedDatasetBuilder(f"{staging}.bin", dtype=dtype)
+            with _without_forced_garbage_collection():
+                for prefix in prefixes:
+                    builder.add_index(str(prefix))
+            builder.finalize(f"{staging}.idx")
+            os.replace(f"{staging}.bin", tokens / f"{language}.bin")
+            os.replace(f"{staging}.idx", tokens / f"{language}.idx")
+    train, valid = totals["train"], totals["valid"]
+    weights = temperature_weights(dict(train), config.blend.alpha)
+    entries = [BlendEntry(prefix=f"{TOKEN_DIRS['train']}/{language}", weight=weights[language], lang=language,
+                          tokens=train[language],
+                          valid_prefix=f"{TOKEN_DIRS['valid']}/{language}" if valid.get(language) else None,
+                          valid_tokens=valid.get(language, 0))
+               for language in sorted(train) if train[language]]
     tokenizer_path = megatron_path(root / "tokenizer").relative_to(root)
     write_blend(root / "blend.json", Blend(tokenizer=str(tokenizer_path), datasets=entries))
     return Processed()

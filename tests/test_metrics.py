@@ -1,0 +1,49 @@
+"""Honest throughput numbers: the FLOPs counts, the peak MFU divides by, and the per-step metrics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bloomtrain.config_loader import load_config
+from bloomtrain.flops import device_peak, hardware_flops_per_step, model_flops_per_step
+
+
+def test_flops_counts_follow_the_published_formula():
+    config = load_config(["model=bloom-176b"]).model
+    # BLOOM-176B: 6 x params x tokens is the usual approximation of 72 B s l h^2 (1 + s/6h + V/12lh).
+    flops = model_flops_per_step(config, sequences=2048, seq_length=2048)
+    assert flops == pytest.approx(6 * 176e9 * 2048 * 2048, rel=0.1)
+    # Activation checkpointing recomputes every block's forward: 4/3 of the work of the matmuls.
+    with_recompute = hardware_flops_per_step(config, 2048, 2048, recompute=True)
+    assert 1.25 < with_recompute / flops < 4 / 3
+    assert hardware_flops_per_step(config, 2048, 2048, recompute=False) == flops
+
+
+def test_configured_and_tabled_peaks_win_over_measuring():
+    peak = device_peak(torch.device("cpu"), torch.float32, configured_tflops=1.5)
+    assert peak.flops == 1.5e12 and "train.peak_tflops" in peak.source
+
+
+def _long_matmul_flops(size: int = 4096, runs: int = 3, seconds: float = 1.5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    best = 0.0
+    for _ in range(runs):
+        start, done = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            torch.matmul(a, b)
+            done += 1
+        best = max(best, 2 * size**3 * done / (time.perf_counter() - start))
+    return best
+
+
+def test_measured_peak_agrees_with_a_long_independent_measurement():
+    """The start-up probe against a separate, longer measurement with another size (before and after it)."""
+    before = _long_matmul_flops()
+    peak = device_peak(torch.device("cpu"), torch.float32)
+    independent = max(before, _long_matmul_flops())
+    assert "measured" in peak.source and f"{torch.get_num_threads()} threads" in peak.source
+    assert abs(peak.flops - independent) / independent < 0.15, (peak.flops, independent)
