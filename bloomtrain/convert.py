@@ -84,6 +84,14 @@ def is_hugging_face_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "meta.json").exists()
 
 
+def checkpoint_model(checkpoint: Path) -> Bloom:
+    """The single-process model holding a bloomtrain checkpoint's weights (any layout, padded vocabulary kept)."""
+    meta = read_meta(checkpoint)
+    model = build_model(meta.model, padded_vocab_size=meta.padded_vocab_size)
+    model.load_state_dict(read_model_weights(checkpoint))
+    return model
+
+
 def from_hf(path_or_hf_model: str | Path | torch.nn.Module) -> Bloom:
     """A single-process bloomtrain model holding a Hugging Face BLOOM's weights (fp32)."""
     if isinstance(path_or_hf_model, torch.nn.Module):

@@ -27,34 +27,27 @@ from omegaconf import OmegaConf
 from bloomtrain.checkpoint.store import CheckpointError, read_meta, resolve_checkpoint
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import load_config, to_validated
-from bloomtrain.convert import is_hugging_face_dir
-from bloomtrain.data.loader import BatchLayout, build_validation_datasets, load_tokenizer
+from bloomtrain.convert import checkpoint_model, from_hf, is_hugging_face_dir
 from bloomtrain.data.tokenizer import tokenizer_fingerprint
-from bloomtrain.evaluation import MicroBatches, Validation
 
 
 def load_model_and_config(path: Path, overrides: list[str]) -> tuple[torch.nn.Module, BloomTrainConfig, int | None]:
     """The plain model, the config to evaluate with, and the columns to score (None: all)."""
     if is_hugging_face_dir(path):
-        from bloomtrain.convert import from_hf
-
         model = from_hf(path)
         return model, load_config(overrides), model.config.vocab_size
-    from bloomtrain.checkpoint import read_model_weights
-    from bloomtrain.model import build_model
-
     checkpoint = resolve_checkpoint(path)
-    meta = read_meta(checkpoint)
     trained_with = OmegaConf.load(checkpoint / "config.yaml")
     config = to_validated(OmegaConf.merge(OmegaConf.structured(BloomTrainConfig), trained_with,
                                           OmegaConf.from_dotlist(overrides)))
-    model = build_model(meta.model, padded_vocab_size=meta.padded_vocab_size)
-    model.load_state_dict(read_model_weights(checkpoint))
-    return model, config, None
+    return checkpoint_model(checkpoint), config, None
 
 
 def evaluate(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """``{"loss", "perplexity", "languages": {lang: {"loss", "perplexity", "tokens"}}}`` of the model at ``path``."""
+    # megatron-core (datasets) is imported here, once main() has silenced its import-time notices.
+    from bloomtrain.data.loader import BatchLayout, build_validation_datasets, load_tokenizer
+    from bloomtrain.evaluation import MicroBatches, Validation
     from bloomtrain.train import resolve_blend
 
     path = Path(path)

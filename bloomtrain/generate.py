@@ -35,23 +35,15 @@ class Sampling:
 
 def load(path: str | Path) -> tuple[Bloom, TokenEncoder]:
     """The plain model at ``path`` (run, checkpoint of any layout, or Hugging Face directory) and its tokenizer."""
-    from bloomtrain.convert import is_hugging_face_dir
+    from bloomtrain.convert import checkpoint_model, from_hf, is_hugging_face_dir
 
     path = Path(path)
     if is_hugging_face_dir(path):
-        from bloomtrain.convert import from_hf
-
         return from_hf(path), TokenEncoder(path)
-    from bloomtrain.checkpoint import read_meta, read_model_weights
-    from bloomtrain.model import build_model
-
     checkpoint = resolve_checkpoint(path)
-    meta = read_meta(checkpoint)
     if not (checkpoint / TOKENIZER_DIR).is_dir():
         raise CheckpointError(f"{checkpoint} holds no tokenizer/ to turn the prompt into tokens")
-    model = build_model(meta.model, padded_vocab_size=meta.padded_vocab_size)
-    model.load_state_dict(read_model_weights(checkpoint))
-    return model, TokenEncoder(checkpoint / TOKENIZER_DIR)
+    return checkpoint_model(checkpoint), TokenEncoder(checkpoint / TOKENIZER_DIR)
 
 
 @torch.no_grad()
