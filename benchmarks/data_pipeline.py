@@ -1,8 +1,9 @@
 """The data pipeline, measured side by side in one run: near dedup vs ``datasketch``, tokenisation with
-two workers vs a plain sentencepiece loop, and the whole pipeline's throughput and peak memory.
+two workers vs a plain sentencepiece loop, the whole pipeline's throughput and peak memory, and per-stage
+throughput, memory and a clean-stage profile on the bundled real corpus (Debian translation catalogs).
 
     .venv/bin/python benchmarks/data_pipeline.py [--megabytes 50] [--prose-megabytes 20]
-                                                 [--parts near_dedup,tokenize,pipeline]
+                                                 [--parts near_dedup,tokenize,pipeline,real_corpus]
 
 Near dedup (``near_dedup``)
 ---------------------------
@@ -269,17 +270,78 @@ def tokenize_side_by_side(out: Path, overrides: list[str]) -> None:
     print(f"  speed-up {plain_seconds / ours_seconds:.2f}x; token files identical: {identical}")
 
 
+def real_corpus() -> None:
+    """The second bundled real corpus with default keys: per-stage throughput and memory from the report,
+    the whole run's peak, and where the clean stage spends its time (each step timed over all documents)."""
+    corpus = Path(__file__).resolve().parents[1] / "data_tools" / "samples" / "gettext_sample.jsonl.gz"
+    root = Path(tempfile.mkdtemp(prefix="bloomtrain-data-bench-"))
+    out = root / "out"
+    overrides = [f"input.paths=[{corpus}]", f"output.dir={out}"]
+    elapsed, peak_tree, _ = run_with_peak_memory([sys.executable, "-m", "data_tools.pipeline", *overrides])
+    report = json.loads((out / "report" / "report.json").read_text())
+    text_mb = report["stages"]["clean"]["megabytes"]
+    print(f"gettext corpus ({text_mb:.1f} MB of text, {report['stages']['clean']['documents']:,} documents), "
+          f"defaults, 1 worker: {elapsed:.1f} s end to end, peak memory {peak_tree:.0f} MB")
+    print(f"  {'stage':10}{'task s':>8}{'MB':>8}{'MB/s':>8}{'peak RSS MB':>13}")
+    for stage, measures in report["stages"].items():
+        rate = f"{measures['mb_per_second']:.2f}" if measures["mb_per_second"] else "-"
+        print(f"  {stage:10}{measures['task_seconds']:>8.2f}{measures['megabytes']:>8.2f}{rate:>8}"
+              f"{measures['peak_rss_mb']:>13.0f}")
+    profile_clean_stage(out)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def profile_clean_stage(out: Path) -> None:
+    from data_tools.minhash import MinHasher
+    from data_tools.pipeline.config import load_pipeline_config
+    from data_tools.pipeline.run import prepare
+    from data_tools.steps.dedup_exact import dedup_key
+    from data_tools.steps.langid import LanguageId
+    from data_tools.steps.normalize import Normalize
+    from data_tools.steps.pii import RedactPII
+    from data_tools.steps.quality import QualityFilter
+    from data_tools.steps.read import DocumentReader
+
+    corpus = Path(__file__).resolve().parents[1] / "data_tools" / "samples" / "gettext_sample.jsonl.gz"
+    config = load_pipeline_config([f"input.paths=[{corpus}]", f"output.dir={out}-profile"])
+    shard = prepare(config)[0]
+    timings: list[tuple[str, float]] = []
+
+    def timed(name: str, make):
+        started = time.perf_counter()
+        result = make()
+        timings.append((name, time.perf_counter() - started))
+        return result
+
+    steps = timed("set-up (fastText model, word lists)",
+                  lambda: [Normalize(), LanguageId({}, 0.0, False), QualityFilter({}, None, True), RedactPII()])
+    documents = timed("read + parse JSON", lambda: list(DocumentReader("text", "id", None, 10_000_000).read(shard)))
+    megabytes = sum(len(d.text.encode()) for d in documents) / 1e6
+    for step in steps:
+        documents = timed(step.name, lambda step=step, documents=documents: list(step.run(documents)))
+    hasher = MinHasher(config.dedup.minhash_parameters())
+    timed("dedup keys + MinHash signatures", lambda: ([dedup_key(d.text) for d in documents],
+                                                      hasher.signatures([d.text for d in documents],
+                                                                        [d.language for d in documents])))
+    total = sum(seconds for _, seconds in timings)
+    print(f"clean stage profile ({megabytes:.1f} MB of text in one process):")
+    for name, seconds in timings:
+        print(f"  {name:36}{seconds:7.2f} s {seconds / total:6.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=float, default=50, help="near-dedup corpus size")
     parser.add_argument("--prose-megabytes", type=float, default=20, help="pipeline/tokenize corpus size")
-    parser.add_argument("--parts", default="near_dedup,tokenize,pipeline")
+    parser.add_argument("--parts", default="near_dedup,tokenize,pipeline,real_corpus")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     if "near_dedup" in parts:
         near_dedup(args.megabytes)
     if parts & {"tokenize", "pipeline"}:
         pipeline_and_tokenize(args.prose_megabytes, parts)
+    if "real_corpus" in parts:
+        real_corpus()
 
 
 if __name__ == "__main__":

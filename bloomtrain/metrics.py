@@ -35,7 +35,7 @@ class MetricsLogger:
         for name in (METRICS_FILE, EVAL_FILE):
             _truncate_after(run_dir / name, resume_step)
             self._files[name] = (run_dir / name).open("a", encoding="utf-8")
-        self._wandb_run = _start_wandb(run_dir, config.wandb, run_name, run_config, wandb_run_id)
+        self._wandb_run = start_wandb(run_dir, config.wandb, run_name, run_config, wandb_run_id)
         self._tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -115,13 +115,15 @@ def _has_wandb_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def _start_wandb(run_dir: Path, config: WandbConfig, run_name: str, run_config: dict[str, Any],
-                 run_id: str | None):
+def start_wandb(run_dir: Path, config: WandbConfig, run_name: str, run_config: dict[str, Any],
+                run_id: str | None):
+    """A W&B run writing under ``run_dir/wandb`` (or None when disabled); online without credentials
+    falls back to offline with a warning. Also used by the data pipeline's report."""
     if config.mode == "disabled":
         return None
     mode = config.mode
     if mode == "online" and not _has_wandb_credentials():
-        logger.warning("logging.wandb.mode=online but no WANDB_API_KEY or wandb login found; logging offline "
+        logger.warning("wandb.mode=online but no WANDB_API_KEY or wandb login found; logging offline "
                        "(sync later with `wandb sync %s/wandb/offline-run-*`)", run_dir)
         mode = "offline"
     import wandb

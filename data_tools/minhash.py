@@ -17,13 +17,15 @@
 5. Clusters. Union-find over verified pairs; each cluster keeps the document that came first in
    input order, so the result does not depend on how the work was split.
 
-Memory: signatures take 4 x num_perm bytes per document (512 MB per million at 128); band buckets
-add 8 bytes per band per document while clustering (200 MB per million at 25 bands).
+Memory: signatures take 4 x num_perm bytes per document (512 MB per million at 128) and band keys 8
+bytes per band (200 MB per million at 25 bands); the pipeline keeps both on disk (the clean stage
+writes them per shard, band keys band-major) and clusters one band at a time, reading signatures only
+for candidate pairs, so the dedup stage holds a few dozen bytes per document (docs/data_pipeline.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,57 +193,65 @@ def band_keys(signatures: np.ndarray, parameters: MinHashParameters) -> np.ndarr
     return keys ^ (np.arange(parameters.bands, dtype=np.uint64) * np.uint64(0xD6E8FEB86659FD93))
 
 
-class UnionFind:
-    def __init__(self, size: int) -> None:
-        self.parent = np.arange(size)
-
-    def find(self, item: int) -> int:
-        root = item
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[item] != root:
-            self.parent[item], item = root, self.parent[item]
-        return root
-
-    def union(self, first: int, second: int) -> None:
-        a, b = self.find(first), self.find(second)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)  # the smaller index (earlier document) stays the root
-
-
-def candidate_pairs(signatures: np.ndarray, parameters: MinHashParameters) -> np.ndarray:
-    """Pairs (earlier, later) that share a band and whose signatures agree on ``verify`` of the functions.
+def band_pairs(keys: np.ndarray, rows: Callable[[np.ndarray], np.ndarray], parameters: MinHashParameters
+               ) -> np.ndarray:
+    """Pairs (earlier, later) that share this band's key and whose signatures (``rows(indices)``) agree
+    on ``verify`` of the functions.
 
     Within a bucket each document is compared with the bucket's first document; one that does not
     match it is compared with the others of the bucket (rare: it takes a colliding band of two families).
     """
-    keys = band_keys(signatures, parameters)
-    found: list[np.ndarray] = []
-    for band in range(parameters.bands):
-        order = np.argsort(keys[:, band], kind="stable")
-        sorted_keys = keys[order, band]
-        repeated = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1]) + 1
-        if repeated.size == 0:
-            continue
-        run_start = np.maximum.accumulate(np.where(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])),
-                                                   np.arange(len(order)), 0))
-        anchors, others = order[run_start[repeated]], order[repeated]
-        agree = (signatures[anchors] == signatures[others]).mean(axis=1) >= parameters.verify
-        found.append(np.stack([np.minimum(anchors, others), np.maximum(anchors, others)], axis=1)[agree])
-        for position in repeated[~agree]:
-            other = order[position]
-            for earlier in order[run_start[position]:position]:
-                if estimated_jaccard(signatures[earlier], signatures[other]) >= parameters.verify:
-                    found.append(np.array([[min(earlier, other), max(earlier, other)]]))
-                    break
-    if not found:
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+    del sorted_keys
+    repeated = np.flatnonzero(~starts)
+    if repeated.size == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+    run_start = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+    anchors, others = order[run_start[repeated]], order[repeated]
+    agree = (rows(anchors) == rows(others)).mean(axis=1) >= parameters.verify
+    found = [np.stack([np.minimum(anchors, others), np.maximum(anchors, others)], axis=1)[agree]]
+    for position in repeated[~agree]:
+        other = order[position]
+        earlier = order[run_start[position]:position]
+        matches = (rows(earlier) == rows(np.array([other]))).mean(axis=1) >= parameters.verify
+        if matches.any():
+            first = int(earlier[np.argmax(matches)])
+            found.append(np.array([[min(first, other), max(first, other)]]))
+    return np.concatenate(found)
+
+
+def cluster_roots(bands: Iterable[np.ndarray], rows: Callable[[np.ndarray], np.ndarray], size: int,
+                  parameters: MinHashParameters) -> np.ndarray:
+    """For each of ``size`` documents (in input order), the index of the document its cluster keeps: the
+    earliest. ``bands`` yields each band's keys (one per document), ``rows(indices)`` returns those
+    documents' signatures; one band is held at a time, so memory is a few dozen bytes per document
+    whatever the number of bands (the pipeline reads both from the clean stage's files)."""
+    parent = np.arange(size, dtype=np.int64)
+    for keys in bands:
+        for first, second in band_pairs(keys, rows, parameters):
+            a, b = _root(parent, int(first)), _root(parent, int(second))
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the smaller index (earlier document) stays the root
+    while True:  # every document straight to its root
+        grandparent = parent[parent]
+        if np.array_equal(grandparent, parent):
+            return parent
+        parent = grandparent
+
+
+def _root(parent: np.ndarray, item: int) -> int:
+    root = item
+    while parent[root] != root:
+        root = parent[root]
+    while parent[item] != root:
+        parent[item], item = root, parent[item]
+    return root
 
 
 def duplicate_clusters(signatures: np.ndarray, parameters: MinHashParameters) -> np.ndarray:
-    """For each document (rows in input order), the index of the document its cluster keeps."""
-    clusters = UnionFind(len(signatures))
-    for first, second in candidate_pairs(signatures, parameters):
-        clusters.union(int(first), int(second))
-    return np.array([clusters.find(i) for i in range(len(signatures))], dtype=np.int64)
+    """:func:`cluster_roots` for signatures held in memory ([documents, num_perm])."""
+    keys = band_keys(signatures, parameters)
+    return cluster_roots((keys[:, band] for band in range(parameters.bands)), lambda indices: signatures[indices],
+                         len(signatures), parameters)

@@ -49,7 +49,7 @@ def prepare_sample(cache_dir: str | Path, corpus: Path = SAMPLE_CORPUS,
     """Return the sample's blend file, preparing it first if this cache has none."""
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = hashlib.sha256(corpus.read_bytes() + f"{vocab_size}:{LANGUAGE_ALPHA}:{VALID_FRACTION}:v3".encode())
+    fingerprint = hashlib.sha256(corpus.read_bytes() + f"{vocab_size}:{LANGUAGE_ALPHA}:{VALID_FRACTION}:v4".encode())
     target = cache_dir / f"sample-{fingerprint.hexdigest()[:12]}"
     blend_path = target / "blend.json"
     with open(cache_dir / ".sample.lock", "w") as lock:

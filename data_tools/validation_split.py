@@ -10,7 +10,6 @@ of them was already removed.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,17 +20,17 @@ def split_key(document_id: str, text: str) -> int:
     return xxhash.xxh3_64_intdigest(f"{document_id}\x00{text}".encode())
 
 
-def validation_mask(keys: np.ndarray, languages: Sequence[str], valid_fraction: float, min_documents: int,
-                    max_documents: int) -> np.ndarray:
-    """For each document (in input order), whether it is held out for validation."""
-    by_language: dict[str, list[int]] = defaultdict(list)
-    for position, language in enumerate(languages):
-        by_language[language].append(position)
+def validation_mask(keys: np.ndarray, languages: Sequence[str] | np.ndarray, valid_fraction: float,
+                    min_documents: int, max_documents: int) -> np.ndarray:
+    """For each document (in input order), whether it is held out for validation. ``languages`` may be
+    names or integer codes (the pipeline passes codes: 4 bytes a document)."""
+    languages = np.asarray(languages)
     valid = np.zeros(len(languages), dtype=bool)
-    for positions in by_language.values():
+    for language in np.unique(languages):
+        positions = np.flatnonzero(languages == language)
         wanted = min(max(round(valid_fraction * len(positions)), min_documents), max_documents, len(positions) - 1)
         if wanted <= 0:
             continue
         order = np.argsort(keys[positions], kind="stable")  # ties: the earlier document
-        valid[np.asarray(positions)[order[:wanted]]] = True
+        valid[positions[order[:wanted]]] = True
     return valid

@@ -138,3 +138,74 @@ def test_pipeline_config_checks_an_existing_tokenizer_before_any_work(tmp_path, 
     assert load_pipeline_config([*base, f"tokenizer.existing={hf_folder}"]).tokenizer.existing == str(hf_folder)
     with pytest.raises(ConfigError, match="tokenizer.existing: .*missing.model does not exist"):
         load_pipeline_config([*base, f"tokenizer.existing={tmp_path / 'missing.model'}"])
+
+
+GETTEXT_CORPUS = Path(__file__).resolve().parents[1] / "data_tools" / "samples" / "gettext_sample.jsonl.gz"
+
+
+def _cjk_texts() -> list[str]:
+    """Chinese, Japanese and Korean catalogs of the second bundled corpus: thousands of distinct characters."""
+    import gzip
+
+    with gzip.open(GETTEXT_CORPUS, "rt", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    return [r["text"] for r in records if r["locale"] in ("zh_CN", "zh_TW", "ja", "ko")]
+
+
+def test_character_coverage_is_chosen_so_any_script_mix_fits_the_vocabulary(tmp_path):
+    from data_tools.tokenizer_training import (
+        DEFAULT_COVERAGE,
+        TokenizerTrainingError,
+        _train,
+        training_sentences,
+    )
+
+    texts = _cjk_texts()
+    # The failure users met: sentencepiece's fixed coverage needs more characters than 1024 entries hold.
+    with pytest.raises(RuntimeError, match="smaller than required_chars"):
+        _train(list(training_sentences(texts)), 1024, "bpe", (), DEFAULT_COVERAGE)
+    model = train_tokenizer(texts, tmp_path / "tokenizer", 1024)
+    chosen = json.loads((tmp_path / "training.json").read_text())
+    assert chosen["distinct_characters"] > 2500
+    assert chosen["characters_as_pieces"] <= (1024 - 260) // 2 and 0 < chosen["byte_fallback_share"] < 0.5
+    assert chosen["character_coverage"] == pytest.approx(1 - chosen["byte_fallback_share"])
+    encoder = TokenEncoder(model)
+    rare = "".join(sorted(set("".join(texts)))[-50:])  # characters left to bytes still decode exactly
+    for text in [*texts[:20], rare]:
+        ids = encoder.encode([text])[0]
+        assert encoder.decode(ids) == text and 0 not in ids  # never <unk>
+    # A coverage the user fixes is honoured, and when it cannot fit the error names the keys.
+    with pytest.raises(TokenizerTrainingError, match=r"tokenizer.character_coverage=0.9995 .* tokenizer.vocab_size"):
+        train_tokenizer(texts, tmp_path / "fixed", 1024, character_coverage=0.9995)
+
+
+def test_long_documents_are_cut_into_sentences_not_skipped(tmp_path):
+    from data_tools.tokenizer_training import MAX_SENTENCE_BYTES, _train, training_sentences
+
+    line = "Everyone has the right to life, liberty and security of person."
+    document = "\n".join(TEXTS) + "\n" + "长" * 3000  # the sample's articles as one document, a 9 kB line
+    pieces = list(training_sentences([document]))
+    assert "".join(pieces) == document and len(pieces) > 6
+    assert all(len(piece.encode()) <= MAX_SENTENCE_BYTES for piece in pieces)
+    assert sum(piece.endswith("\n") for piece in pieces) >= len(pieces) - 4  # at line ends where there are some
+    # sentencepiece alone skips a sentence over 4192 bytes, and with nothing else fails to train at all.
+    with pytest.raises(RuntimeError, match="sentences_.empty"):
+        _train([document], 600, "bpe", (), 0.9995)
+    model = train_tokenizer([document], tmp_path / "tokenizer", 600)
+    assert json.loads((tmp_path / "training.json").read_text())["sentences"] == len(pieces)
+    encoder = TokenEncoder(model)
+    assert len(encoder.encode([line])[0]) < len(line) / 2  # it learned merges from the long document
+
+
+def test_a_vocabulary_that_cannot_work_is_refused_at_config_time(tmp_path):
+    from bloomtrain.config import ConfigError
+    from data_tools.pipeline.config import load_pipeline_config
+
+    base = [f"input.paths=[{tmp_path}]", f"output.dir={tmp_path}/out"]
+    with pytest.raises(ConfigError, match=r"tokenizer.vocab_size=400 .* at least 516$"):
+        load_pipeline_config([*base, "tokenizer.vocab_size=400"])
+    with pytest.raises(ConfigError, match=r"at least 518$"):
+        load_pipeline_config([*base, "tokenizer.vocab_size=517", "tokenizer.special_tokens=[mask,code]"])
+    with pytest.raises(ConfigError, match=r"tokenizer.character_coverage=0.5 must lie in \[0.98, 1\]"):
+        load_pipeline_config([*base, "tokenizer.character_coverage=0.5"])
+    assert load_pipeline_config([*base, "tokenizer.vocab_size=516"]).tokenizer.character_coverage is None

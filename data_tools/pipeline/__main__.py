@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from bloomtrain.config import ConfigError
 from data_tools.pipeline.config import load_pipeline_config
@@ -11,6 +12,9 @@ from data_tools.steps.read import InputError
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The data tools use megatron-core for tokenizer metadata and index files only; its notice about
+    # fused training kernels (Transformer Engine, Apex) does not concern them.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config = load_pipeline_config(args)

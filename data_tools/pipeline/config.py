@@ -9,7 +9,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from bloomtrain.config import ConfigError, require
+from bloomtrain.config import WANDB_MODES, ConfigError, WandbConfig, require
 from bloomtrain.config_loader import compose_config, to_validated
 
 
@@ -150,6 +150,10 @@ class TokenizerConfig:
     """bpe (with byte fallback, as BLOOM) | unigram."""
     vocab_size: int = 4096
     """BLOOM used 250,680; small corpora need small vocabularies."""
+    character_coverage: float | None = None
+    """Share of the sample's character occurrences whose characters get a vocabulary entry of their own;
+    the rest become byte pieces. null: up to 0.9995, with the characters filling at most half of the
+    vocabulary, so any mix of scripts fits (what it chose: tokenizer/training.json)."""
     alpha: float = 0.3
     """Temperature of the language-balanced training sample (BLOOM: 0.3)."""
     sample_bytes: int = 200_000_000
@@ -159,7 +163,16 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         require(self.model_type in ("bpe", "unigram"), f"tokenizer.model_type={self.model_type!r} is not bpe/unigram")
-        require(self.vocab_size >= 256, "tokenizer.vocab_size must be >= 256")
+        from data_tools.tokenizer_training import minimum_vocab_size
+
+        smallest = minimum_vocab_size(self.special_tokens)
+        require(self.existing is not None or self.vocab_size >= smallest,
+                f"tokenizer.vocab_size={self.vocab_size} cannot hold BLOOM's 4 special tokens, the "
+                f"{len(self.special_tokens)} of tokenizer.special_tokens and the 256 byte pieces with room for "
+                f"characters; use at least {smallest}")
+        require(self.character_coverage is None or 0.98 <= self.character_coverage <= 1,
+                f"tokenizer.character_coverage={self.character_coverage} must lie in [0.98, 1] (sentencepiece's "
+                "range), or be null (chosen to fit the vocabulary)")
         if self.existing:
             from bloomtrain.data.tokenizer import TokenEncoder
 
@@ -176,6 +189,18 @@ class BlendConfig:
 
 
 @dataclass
+class PipelineWandbConfig(WandbConfig):
+    """Logging the report (per-language table, charts, totals) to Weights & Biases."""
+
+    mode: str = "disabled"
+    """disabled (default) | offline (under output.dir/report/wandb) | online (needs WANDB_API_KEY)."""
+    project: str = "bloomtrain-data"
+
+    def __post_init__(self) -> None:
+        require(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r} is not one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass
 class PipelineConfig:
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -188,6 +213,7 @@ class PipelineConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     blend: BlendConfig = field(default_factory=BlendConfig)
+    wandb: PipelineWandbConfig = field(default_factory=PipelineWandbConfig)
 
     def __post_init__(self) -> None:
         require(bool(self.input.paths), "input.paths is empty; give the files to process, e.g. "

@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
+from data_tools.errors import DataError
 from data_tools.pipeline.config import PipelineConfig
 from data_tools.pipeline.stages import STAGES, Processed, TaskFailed, marker, run_task, work_dir
 from data_tools.steps.read import InputError, InputShard, expand_inputs, plan_shards
@@ -76,21 +77,29 @@ def _run_locally(stage: str, config: PipelineConfig, tasks: list[int], shards: l
 
         if config.executor.workers == 1 or len(tasks) == 1:
             for task in tasks:
-                with _naming_the_task(stage, task):
+                with _naming_the_task(stage, task, config):
                     advance(run_task(stage, config, task, shards))
             return
         with ProcessPoolExecutor(max_workers=min(config.executor.workers, len(tasks))) as pool:
             futures = {pool.submit(run_task, stage, config, task, shards): task for task in tasks}
             for future in as_completed(futures):
-                with _naming_the_task(stage, futures[future]):
+                with _naming_the_task(stage, futures[future], config):
                     advance(future.result())
 
 
 @contextlib.contextmanager
-def _naming_the_task(stage: str, task: int) -> Iterator[None]:
+def _naming_the_task(stage: str, task: int, config: PipelineConfig) -> Iterator[None]:
+    """Any failure of a task becomes one line: a DataError's own message (it names the key to change),
+    anything else its last line with the traceback written to work/errors/ for whoever debugs it."""
     try:
         yield
+    except DataError as error:
+        raise TaskFailed(f"stage {stage}, task {task} failed: {error}. Rerun the same command after the fix "
+                         "(finished tasks are kept)") from None
     except Exception as error:
-        detail = "".join(traceback.format_exception(error)).strip().splitlines()[-12:]
-        raise TaskFailed(f"stage {stage}, task {task} failed; fix the cause and rerun the same command "
-                         "(finished tasks are kept):\n" + "\n".join(detail)) from error
+        log = work_dir(config) / "errors" / f"{stage}-{task:05d}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(error)))
+        message = (str(error).strip().splitlines() or [""])[0]
+        raise TaskFailed(f"stage {stage}, task {task} failed: {type(error).__name__}: {message} (traceback: "
+                         f"{log}); fix the cause and rerun the same command (finished tasks are kept)") from None

@@ -11,6 +11,7 @@ queued or running, a rerun on the same ``output.dir`` refuses to start instead o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -106,11 +107,18 @@ def follow(submitted: list) -> None:
             try:
                 job.result()
             except UncompletedJobError as error:
-                detail = "\n".join(str(error).strip().splitlines()[-12:])
                 raise TaskFailed(
-                    f"stage {stage}, task {task} failed on SLURM (job {job.job_id}, log {job.paths.stderr}); "
-                    "SLURM cancels the stages after it. Fix the cause and rerun the same command: finished "
-                    f"tasks are kept.\n{detail}") from None
+                    f"stage {stage}, task {task} failed on SLURM (job {job.job_id}, log {job.paths.stderr}): "
+                    f"{_last_error_line(str(error))}; SLURM cancels the stages after it. Fix the cause and rerun "
+                    "the same command: finished tasks are kept") from None
+
+
+def _last_error_line(text: str) -> str:
+    """The exception's own line from a job's traceback (``Type: message``), without the module path."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Failed)\b.*:", line)]
+    line = raised[-1] if raised else (lines[-1] if lines else "no message")
+    return re.sub(r"^(?:\w+\.)+(\w+:)", r"\1", line)
 
 
 def write_and_print_report(config: PipelineConfig, shard_count: int) -> None:

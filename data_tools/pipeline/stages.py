@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data_tools.errors import DataError
 from data_tools.pipeline.config import PipelineConfig
 from data_tools.steps.base import Document, StepStats
 from data_tools.steps.read import InputShard
@@ -83,7 +84,7 @@ def _read_jsonl(path: Path):
 # ---------------------------------------------------------------------------------------------- clean
 
 def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
-    from data_tools.minhash import MinHasher
+    from data_tools.minhash import MinHasher, band_keys
     from data_tools.steps.dedup_exact import dedup_key
     from data_tools.steps.langid import LanguageId
     from data_tools.steps.normalize import Normalize
@@ -121,46 +122,88 @@ def clean(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
     _save_npy(out / f"{_shard(task)}.split.npy", np.array([split_key(d.id, d.text) for d in kept], dtype=np.uint64))
     _save_json(out / f"{_shard(task)}.langs.json", [d.language for d in kept])
     if config.dedup.near:
-        hasher = MinHasher(config.dedup.minhash_parameters())
-        _save_npy(out / f"{_shard(task)}.signatures.npy",
-                  hasher.signatures([d.text for d in kept], [d.language for d in kept]))
-    return Processed(sum(c["documents"] for c in reader.stats.outputs.values()), shards[task].size)
+        parameters = config.dedup.minhash_parameters()
+        signatures = MinHasher(parameters).signatures([d.text for d in kept], [d.language for d in kept])
+        _save_npy(out / f"{_shard(task)}.signatures.npy", signatures)
+        # band-major, so the dedup stage reads one band of every shard at a time
+        _save_npy(out / f"{_shard(task)}.bands.npy", np.ascontiguousarray(band_keys(signatures, parameters).T))
+    return Processed(sum(c["documents"] for c in reader.stats.outputs.values()),
+                     sum(c["bytes"] for c in reader.stats.outputs.values()))
 
 
 # ---------------------------------------------------------------------------------------------- dedup
 
 def dedup(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
-    """Decide, over all files at once, which documents go; one boolean mask per file."""
-    from data_tools.minhash import duplicate_clusters
+    """Decide, over all files at once, which documents go; one mask per file. Memory stays at a few dozen
+    bytes per document: keys are loaded as compact arrays, and near-duplicate clustering reads one band
+    of every shard at a time and signatures only for candidate pairs (memory-mapped)."""
+    from data_tools.minhash import cluster_roots
     from data_tools.steps.dedup_exact import exact_duplicates
     from data_tools.validation_split import validation_mask
 
-    out = work_dir(config)
-    keys = [np.load(out / "clean" / f"{_shard(i)}.exact.npy") for i in range(len(shards))]
-    sizes = [k.size for k in keys]
-    flat_keys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+    clean_dir = work_dir(config) / "clean"
+    names = [_shard(i) for i in range(len(shards))]
+    flat_keys = _concatenate([np.load(clean_dir / f"{name}.exact.npy") for name in names], np.uint64)
+    offsets = np.cumsum([0] + [np.load(clean_dir / f"{name}.exact.npy", mmap_mode="r").size for name in names])
     reason = np.zeros(flat_keys.size, dtype=np.int8)  # 0 kept, 1 exact duplicate, 2 near duplicate
     if config.dedup.exact:
         reason[exact_duplicates(flat_keys)] = 1
-    if config.dedup.near and flat_keys.size:
-        signatures = np.concatenate([np.load(out / "clean" / f"{_shard(i)}.signatures.npy")
-                                     for i in range(len(shards))])
+    del flat_keys
+    if config.dedup.near and reason.size:
+        parameters = config.dedup.minhash_parameters()
         survivors = np.flatnonzero(reason == 0)
-        roots = duplicate_clusters(signatures[survivors], config.dedup.minhash_parameters())
+        band_files = [np.load(clean_dir / f"{name}.bands.npy", mmap_mode="r") for name in names]
+        signature_files = [np.load(clean_dir / f"{name}.signatures.npy", mmap_mode="r") for name in names]
+
+        def rows(indices: np.ndarray) -> np.ndarray:
+            documents = survivors[indices]
+            shard_of = np.searchsorted(offsets, documents, side="right") - 1
+            result = np.empty((documents.size, parameters.num_perm), dtype=np.uint32)
+            for shard in np.unique(shard_of):
+                chosen = shard_of == shard
+                result[chosen] = signature_files[shard][documents[chosen] - offsets[shard]]
+            return result
+
+        bands = (np.concatenate([keys[band] for keys in band_files])[survivors] for band in range(parameters.bands))
+        roots = cluster_roots(bands, rows, survivors.size, parameters)
         reason[survivors[roots != np.arange(survivors.size)]] = 2
     kept = np.flatnonzero(reason == 0)
-    split_keys = np.concatenate([np.load(out / "clean" / f"{_shard(i)}.split.npy") for i in range(len(shards))]
-                                ) if keys else np.zeros(0, dtype=np.uint64)
-    languages = [lang for i in range(len(shards)) for lang in json.loads(
-        (out / "clean" / f"{_shard(i)}.langs.json").read_text())]
-    valid = np.zeros(flat_keys.size, dtype=bool)
-    valid[kept] = validation_mask(split_keys[kept], [languages[i] for i in kept], config.split.valid_fraction,
+    if not kept.size:
+        raise DataError(_nothing_survived(config, len(shards)))
+    split_keys = _concatenate([np.load(clean_dir / f"{name}.split.npy") for name in names], np.uint64)
+    names_of_languages: dict[str, int] = {}
+    languages = _concatenate([np.array([names_of_languages.setdefault(language, len(names_of_languages))
+                                        for language in json.loads((clean_dir / f"{name}.langs.json").read_text())],
+                                       dtype=np.int32) for name in names], np.int32)
+    valid = np.zeros(reason.size, dtype=bool)
+    valid[kept] = validation_mask(split_keys[kept], languages[kept], config.split.valid_fraction,
                                   config.split.min_valid_documents, config.split.max_valid_documents)
-    offsets = np.cumsum([0, *sizes])
-    for i in range(len(shards)):
-        _save_npy(out / "dedup" / f"{_shard(i)}.reason.npy", reason[offsets[i]:offsets[i + 1]])
-        _save_npy(out / "dedup" / f"{_shard(i)}.valid.npy", valid[offsets[i]:offsets[i + 1]])
-    return Processed(int(flat_keys.size))
+    for i, name in enumerate(names):
+        _save_npy(work_dir(config) / "dedup" / f"{name}.reason.npy", reason[offsets[i]:offsets[i + 1]])
+        _save_npy(work_dir(config) / "dedup" / f"{name}.valid.npy", valid[offsets[i]:offsets[i + 1]])
+    return Processed(int(reason.size))
+
+
+def _concatenate(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+
+def _nothing_survived(config: PipelineConfig, shards: int) -> str:
+    """Why no document is left, from the clean stage's statistics, and what to change."""
+    stats: dict[str, StepStats] = {}
+    for i in range(shards):
+        for record in json.loads((work_dir(config) / "clean" / f"{_shard(i)}.stats.json").read_text()):
+            stats.setdefault(record["step"], StepStats(record["step"])).merge(StepStats.from_json(record))
+    read = sum(counts["documents"] for counts in stats["read"].outputs.values())
+    reasons = sorted(((sum(by_language.values()), f"{step.step}: {reason}") for step in stats.values()
+                      for reason, by_language in step.dropped.items()), reverse=True)
+    why = ", ".join(f"{name} {count:,}" for count, name in reasons[:4]) or "none dropped by cleaning"
+    if not read:
+        return (f"no document was read from input.paths (dropped: {why}); check that input.text_field="
+                f"{config.input.text_field!r} names the field holding the text")
+    return (f"no document survived cleaning ({read:,} read; dropped: {why}); the counts per shard are in "
+            "work/clean/*.stats.json; relax the step that drops them (quality.enabled=false, "
+            "language_id.default_threshold=0, quality.overrides.<lang>...)")
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -204,15 +247,16 @@ def tokenizer(config: PipelineConfig, task: int, shards: list[InputShard]) -> Pr
     staging = target.with_name("tokenizer.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    texts: list[str] = []
     if config.tokenizer.existing:
         install_tokenizer(config.tokenizer.existing, staging)
     else:
         texts = balanced_sample(config, len(shards))
         train_tokenizer(texts, staging / "tokenizer", config.tokenizer.vocab_size, config.tokenizer.model_type,
-                        config.tokenizer.special_tokens)
+                        config.tokenizer.special_tokens, config.tokenizer.character_coverage)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
-    return Processed()
+    return Processed(len(texts), sum(len(text.encode("utf-8")) for text in texts))
 
 
 def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
@@ -226,7 +270,8 @@ def balanced_sample(config: PipelineConfig, shards: int) -> list[str]:
                 "out"].items():
             sizes[language] += counts["bytes"]
     if not sizes:
-        raise ValueError("no document survived cleaning; nothing to train a tokenizer on")
+        raise DataError("no training document is left (every survivor was held out for validation); lower "
+                        "split.min_valid_documents or split.valid_fraction")
     budget = {language: weight * config.tokenizer.sample_bytes
               for language, weight in temperature_weights(dict(sizes), config.tokenizer.alpha).items()}
     texts = []
@@ -253,10 +298,19 @@ def tokenize(config: PipelineConfig, task: int, shards: list[InputShard]) -> Pro
     counts = {split: write_token_files(by_language, Path(config.output.dir) / "tokenizer", staging / split)
               for split, by_language in by_split.items()}
     (staging / "counts.json").write_text(json.dumps(counts))
+    (staging / "text.json").write_text(json.dumps({split: {language: text_measures(texts, language)
+                                                           for language, texts in by_language.items()}
+                                                   for split, by_language in by_split.items()}))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     documents = sum(len(texts) for by_language in by_split.values() for texts in by_language.values())
     return Processed(documents, cleaned.stat().st_size)
+
+
+def text_measures(texts: list[str], language: str) -> dict[str, int]:
+    """What fertility is measured against: documents, words (whitespace-separated) and characters."""
+    return {"documents": len(texts), "words": sum(len(text.split()) for text in texts),
+            "characters": sum(len(text) for text in texts), "bytes": sum(len(text.encode("utf-8")) for text in texts)}
 
 
 def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
@@ -297,7 +351,7 @@ def merge(config: PipelineConfig, task: int, shards: list[InputShard]) -> Proces
                for language in sorted(train) if train[language]]
     tokenizer_path = megatron_path(root / "tokenizer").relative_to(root)
     write_blend(root / "blend.json", Blend(tokenizer=str(tokenizer_path), datasets=entries))
-    return Processed()
+    return Processed(0, (sum(train.values()) + sum(valid.values())) * np.dtype(dtype).itemsize)
 
 
 @contextlib.contextmanager
@@ -323,7 +377,13 @@ class TaskFailed(RuntimeError):
 
 def run_task(stage: str, config: PipelineConfig, task: int, shards: list[InputShard]) -> Processed:
     """One task of one stage, then its completion marker; returns what it processed."""
-    processed = dict((name, function) for name, function, _ in STAGES)[stage](config, task, shards)
+    from data_tools.pipeline.measure import TaskMeter
+
+    with TaskMeter() as meter:
+        processed = dict((name, function) for name, function, _ in STAGES)[stage](config, task, shards)
+    _save_json(work_dir(config) / "timing" / f"{stage}-{task:05d}.json",
+               {"seconds": round(meter.seconds, 4), "documents": processed.documents, "bytes": processed.bytes,
+                "peak_rss_bytes": meter.peak_bytes})
     done = marker(config, stage, task)
     done.parent.mkdir(parents=True, exist_ok=True)
     done.touch()

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_tools.errors import DataError
 from data_tools.steps.base import Document, StepStats
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
@@ -30,7 +31,7 @@ TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class InputError(ValueError):
+class InputError(DataError):
     """An input path that cannot be read at all (missing, unreadable, unknown format): stops before work."""
 
 
