@@ -109,8 +109,10 @@ def test_validation_per_language_is_the_same_under_every_layout(tmp_path, sample
 @pytest.mark.parametrize("precision,layout,zero", [("bf16", (2, 2, 1), 1), ("fp16", (1, 1, 2), 2),
                                                    ("bf16", (1, 1, 1), 0)])
 def test_half_precision_tracks_fp32(precision, layout, zero, tmp_path, sample_cache, reference):
+    # The peak is given: measuring half-precision matmuls on a CPU can take many minutes, and this test
+    # is about the numbers, not MFU.
     metrics = _train(tmp_path, sample_cache, "run", *layout, f"train.precision={precision}",
-                     f"parallel.zero_stage={zero}")
+                     f"parallel.zero_stage={zero}", "train.peak_tflops=1.0")
     for got, want in zip(metrics, reference, strict=True):
         assert got["loss"] == got["loss"]  # not NaN
         assert got["loss"] == pytest.approx(want["loss"], rel=0.01)

@@ -275,8 +275,10 @@ def test_slurm_executor_on_a_real_cluster(corpus, local_slurm, tmp_path):
 
     _slurm_idle()
     assert _tree_bytes(target) == _tree_bytes(tmp_path / "local")
-    assert json.loads((target / "report" / "report.json").read_text()) == \
-        json.loads((tmp_path / "local" / "report" / "report.json").read_text())
+    on_cluster, here = (json.loads((folder / "report" / "report.json").read_text())
+                        for folder in (target, tmp_path / "local"))
+    assert set(on_cluster.pop("stages")) == set(here.pop("stages"))  # timings and memory differ, stages do not
+    assert on_cluster == here
 
 
 @pytest.mark.slurm
