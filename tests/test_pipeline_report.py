@@ -9,6 +9,7 @@ import gzip
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -118,7 +119,11 @@ def test_report_goes_to_wandb_when_it_is_on(defaults_run):
     out, _ = defaults_run
     config = load_pipeline_config([f"input.paths=[{CORPUS}]", f"output.dir={out}", "wandb.mode=offline"])
     report = write_report(config, 1)
-    rows = read_wandb_history(out / "report")
+    # In-process, W&B's service writes its transaction log after ``finish()`` returns (seen: 7 bytes
+    # right after it, the whole log a moment later); a user's process flushes it at exit.
+    deadline = time.monotonic() + 60
+    while not (rows := read_wandb_history(out / "report")) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert rows and rows[0]["languages/_type"] == "table-file"
     assert rows[0]["languages/nrows"] == len(report["languages"])
     assert rows[0]["chart/funnel/_type"] == rows[0]["chart/tokens/_type"] == "image-file"
