@@ -102,6 +102,7 @@ class OptimizerConfig:
         require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must lie in [0, 1)")
         require(self.grad_clip >= 0, "optimizer.grad_clip must be >= 0 (0 disables clipping)")
+        require(self.eps > 0, f"optimizer.eps must be positive (BLOOM's is 1e-8), got {self.eps}")
 
 
 @dataclass
@@ -124,11 +125,16 @@ class TrainConfig:
     exit_duration_minutes: float = 0.0
     """Wall-clock budget: once exceeded, save a checkpoint at the next step and exit with status 75
     (as after SIGTERM/SIGUSR1) so the job can be requeued; 0 = no budget."""
+    max_skipped_steps: int = 10
+    """Steps in a row whose loss or gradients are NaN/Inf (each skipped, the optimizer untouched) before
+    the run stops with exit status 3, keeping its last good checkpoint."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_length"):
             require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         require(self.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0 = no budget)")
+        require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        require(self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
         require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops must be positive or null")
         require(
             self.precision in PRECISIONS,
@@ -209,7 +215,13 @@ class CheckpointConfig:
     """auto: resume from run.dir's newest complete checkpoint, if any; false: start afresh (refused when
     run.dir already has checkpoints); or a path to a checkpoint / run directory to start from."""
 
+    on_error: str = "stop"
+    """When a save fails (disk full, I/O error; the previous checkpoint stays latest): stop, with one
+    line and exit status 1, or continue training and try again at the next interval."""
+
     def __post_init__(self) -> None:
+        require(self.on_error in ("stop", "continue"),
+                f"checkpoint.on_error={self.on_error!r} is not stop or continue")
         require(self.interval >= 0, "checkpoint.interval must be >= 0 (0 saves only at the end)")
         require(self.keep >= 0, "checkpoint.keep must be >= 0 (0 keeps all)")
         require(self.keep_every >= 0, "checkpoint.keep_every must be >= 0 (0 = none)")
@@ -301,6 +313,9 @@ class LaunchConfig:
     """Print the plan and the command, start nothing."""
     stop_grace_seconds: int = 600
     """After SIGTERM/SIGUSR1, how long torchrun lets the ranks finish their step and save before killing them."""
+    hang_warning_minutes: float = 5.0
+    """Warn when a rank has not finished a step for this long while another has (its heartbeat file in
+    RUN_DIR/heartbeats); 0 = never. The ranks themselves give up at distributed.timeout_minutes."""
 
     def __post_init__(self) -> None:
         require(self.processes is None or self.processes >= 1, "launch.processes must be >= 1 or null")
@@ -310,6 +325,28 @@ class LaunchConfig:
         require(self.rendezvous is None or ":" in self.rendezvous,
                 f"launch.rendezvous={self.rendezvous!r} must be HOST:PORT")
         require(self.stop_grace_seconds >= 1, "launch.stop_grace_seconds must be >= 1")
+        require(self.hang_warning_minutes >= 0, "launch.hang_warning_minutes must be >= 0 (0 = never)")
+
+
+@dataclass
+class DistributedConfig:
+    """How long ranks wait for each other."""
+
+    timeout_minutes: float = 10.0
+    """Bound on every collective: when a peer died or hangs, the other ranks stop after this long with a
+    message naming the collective, instead of waiting (gloo's and NCCL's default is 30 minutes)."""
+
+    def __post_init__(self) -> None:
+        require(self.timeout_minutes > 0, "distributed.timeout_minutes must be positive")
+
+
+def _require_finite_numbers(config: object, prefix: str) -> None:
+    """``inf``/``nan`` pass every range check written as a comparison; refuse them once, everywhere."""
+    for name, value in vars(config).items():
+        if isinstance(value, float):
+            require(math.isfinite(value), f"{prefix}{name}={value} must be a finite number")
+        elif hasattr(value, "__dataclass_fields__"):
+            _require_finite_numbers(value, f"{prefix}{name}.")
 
 
 @dataclass
@@ -326,10 +363,12 @@ class BloomTrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     launcher: str = "local"
     """local (torchrun on this machine) | slurm (an sbatch job that requeues itself after a stop; launch.slurm.*)."""
 
     def __post_init__(self) -> None:
+        _require_finite_numbers(self, "")
         require(
             self.train.global_batch_size % self.train.micro_batch_size == 0,
             f"train.global_batch_size={self.train.global_batch_size} is not a multiple of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,22 @@ def prepare_environment() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-def init_distributed(device_preference: str = "auto") -> DistributedContext:
-    """Join (or, run alone, create) the default process group: NCCL on GPUs, gloo on CPU."""
+def bound_collectives(timeout: timedelta) -> None:
+    """Make ``timeout`` the default of every process group created from now on.
+
+    DeepSpeed's pipeline and megatron-core create groups of their own without a timeout argument, and
+    torch then uses its module-level default (30 minutes) instead of the world group's; setting that
+    default is the one place that reaches them all."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def init_distributed(device_preference: str = "auto", timeout_minutes: float = 10.0) -> DistributedContext:
+    """Join (or, run alone, create) the default process group: NCCL on GPUs, gloo on CPU. Every
+    collective gives up after ``timeout_minutes`` (``distributed.timeout_minutes``)."""
     prepare_environment()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,19 +72,24 @@ def init_distributed(device_preference: str = "auto") -> DistributedContext:
     else:
         device = torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
+    bound_collectives(timeout)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm layer adopts the torch group
+    # DeepSpeed's comm layer adopts the torch group
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return DistributedContext(rank, world_size, local_rank, device)
 
 
-def shutdown_distributed() -> None:
-    """Leave together: a rank that exits while a peer still talks to it makes gloo report a failure."""
+def shutdown_distributed(together: bool = True) -> None:
+    """Leave together (a rank that exits while a peer still talks to it makes gloo report a failure),
+    or, after an error, at once."""
     if not dist.is_initialized():
         return
-    dist.barrier()
+    if together:
+        dist.barrier()
     from bloomtrain.parallel.groups import destroy_parallel_groups
 
     destroy_parallel_groups()

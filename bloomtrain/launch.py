@@ -7,13 +7,15 @@ override passed on unchanged. ``launch.dry_run=true`` prints the plan and starts
 ``launcher=slurm`` instead writes and submits a SLURM job that runs this launcher on every node
 (``bloomtrain/slurm.py``); with ``launch.rendezvous=HOST:PORT`` the nodes' torchruns meet there.
 
-SIGTERM or SIGUSR1 sent to the launcher reaches every rank through torchrun (which is told to pass
-SIGUSR1 on too, and to give the ranks ``launch.stop_grace_seconds`` to save); when the ranks stopped
-with a checkpoint, the launcher exits with their status, 75, so a job script can requeue.
+SIGTERM, SIGUSR1 or Ctrl-C sent to the launcher reaches every rank through torchrun (which is told to
+pass SIGUSR1 on too, and to give the ranks ``launch.stop_grace_seconds`` to save); when the ranks
+stopped with a checkpoint, the launcher exits with their status, 75, so a job script can requeue.
+torchrun runs under ``bloomtrain.elastic``, which turns its failures into one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -27,6 +29,7 @@ import torch
 
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import load_config
+from bloomtrain.health import quiet_ranks
 from bloomtrain.parallel.cpu import threads_per_rank
 from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, STOP_SIGNALS
 
@@ -67,33 +70,82 @@ def torchrun_command(processes: int, overrides: list[str], stop_grace_seconds: i
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         where = ["--master_addr", "127.0.0.1", "--master_port", str(port)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes // nodes), *where,
+    return [sys.executable, "-m", "bloomtrain.elastic", "--nproc_per_node", str(processes // nodes), *where,
             "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
             "--shutdown_timeout", str(stop_grace_seconds), "-m", "bloomtrain.train", *overrides]
 
 
-def run_forwarding_stops(command: list[str], env: dict[str, str], run_dir: Path) -> int:
-    """Run torchrun, passing SIGTERM/SIGUSR1 on once; 75 if the ranks then stopped with a checkpoint."""
+def end_process_tree(root: int, grace_seconds: float = 10.0) -> None:
+    """SIGTERM ``root`` and every process under it (torchrun puts each rank in a session of its own, so
+    a process group does not reach them), then SIGKILL whatever is left after ``grace_seconds``."""
+    import psutil
+
+    try:
+        parent = psutil.Process(root)
+        processes = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_seconds)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_seconds)
+
+
+def run_forwarding_stops(command: list[str], env: dict[str, str], run_dir: Path,
+                         hang_warning_minutes: float = 0.0) -> int:
+    """Run torchrun, passing SIGTERM/SIGUSR1/SIGINT on once; 75 if the ranks then stopped with a
+    checkpoint. A second Ctrl-C ends every process at once; no rank outlives the launcher."""
     started = time.time()
     # A session of its own: a signal to our process group reaches torchrun once, from us, not twice.
     child = subprocess.Popen(command, env=env, start_new_session=True)
     stop_requested = False
+    interrupts = 0
 
     def forward(signum: int, _frame) -> None:
-        nonlocal stop_requested
+        nonlocal stop_requested, interrupts
         stop_requested = True
+        interrupts += signum == signal.SIGINT
+        if interrupts > 1:
+            print("bloomtrain.launch: second Ctrl-C: ending every rank now, without a checkpoint",
+                  file=sys.stderr, flush=True)
+            end_process_tree(child.pid, grace_seconds=2)
+            return
+        if signum == signal.SIGINT:
+            print("bloomtrain.launch: Ctrl-C: the ranks save a checkpoint after this step, then exit "
+                  "(Ctrl-C again to end them at once)", file=sys.stderr, flush=True)
         child.send_signal(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    warned: set[int] = set()
     try:
-        status = child.wait()
+        while (status := _wait(child, 5.0 if hang_warning_minutes else None)) is None:
+            for rank, beat in quiet_ranks(run_dir, hang_warning_minutes * 60, started).items():
+                if rank not in warned:
+                    warned.add(rank)
+                    print(f"bloomtrain.launch: rank {rank} has not responded for over {hang_warning_minutes:g} "
+                          f"min (after step {beat['step']}) while other ranks have: it hangs or is stopped "
+                          f"({run_dir}/heartbeats). Its peers give up after distributed.timeout_minutes",
+                          file=sys.stderr, flush=True)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if child.poll() is None:  # the launcher itself is failing: take its processes with it
+            end_process_tree(child.pid)
     record = run_dir / STOP_RECORD
     if stop_requested and status != 0 and record.exists() and record.stat().st_mtime >= started:
         return EXIT_RESUMABLE
     return status
+
+
+def _wait(child: subprocess.Popen, seconds: float | None) -> int | None:
+    try:
+        return child.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1))
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    return run_forwarding_stops(command, env, Path(config.run.dir))
+    return run_forwarding_stops(command, env, Path(config.run.dir), launch.hang_warning_minutes)
 
 
 def _submit_to_slurm(config: BloomTrainConfig, overrides: list[str], processes: int, plan: str) -> int:

@@ -1,4 +1,4 @@
-"""Stopping cleanly before the allocation ends: SIGTERM, SIGUSR1 and a wall-clock budget.
+"""Stopping cleanly before the allocation ends: SIGTERM, SIGUSR1, Ctrl-C (SIGINT) and a wall-clock budget.
 
 SLURM sends SIGTERM when a job is preempted or cancelled, and SIGUSR1 ahead of its time limit when
 asked (``#SBATCH --signal=USR1@180``). A signal only sets a flag; at the next step boundary every
@@ -23,7 +23,7 @@ EXIT_RESUMABLE = 75
 """Exit status after a requested stop with a checkpoint saved: EX_TEMPFAIL, "try again later".
 A job script requeues on it (``[ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID``)."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C saves too
 STOP_RECORD = "stopped.json"
 
 

@@ -5,6 +5,7 @@
     tflops, mfu, hfu                     per-device TFLOP/s of model FLOPs; MFU and HFU against the peak
                                          (``flops.py``; HFU counts recomputation under activation checkpointing)
     loss_scale, skipped_steps            fp16's dynamic loss scale and the steps it skipped (null otherwise)
+    nonfinite_steps                      steps skipped for a NaN/Inf loss or gradient, over the whole run
     data_wait_s, compute_s, optimizer_s  time waiting for the batch, in forward/backward/step, and the
                                          optimizer step alone (null under pipeline parallelism, which fuses them)
     peak_memory_gb                       max allocated on a GPU, peak resident memory on CPU (rank 0)
@@ -51,7 +52,8 @@ class StepMeter:
                                                                                            strict=True) if count}
 
     def metrics(self, *, loss: float, lr: float, grad_norm: float | None, param_norm: float | None,
-                loss_scale: float | None, skipped_steps: int | None, elapsed: float, data_wait: float,
+                loss_scale: float | None, skipped_steps: int | None, nonfinite_steps: int, elapsed: float,
+                data_wait: float,
                 optimizer_s: float | None, consumed_samples: int, consumed_tokens: int,
                 tokens_by_language: dict[str, int], device: torch.device) -> dict[str, Any]:
         train = self.train
@@ -63,7 +65,7 @@ class StepMeter:
             "tflops": per_device / 1e12,
             "mfu": per_device / self.peak.flops,
             "hfu": self.hardware_flops / elapsed / self.world_size / self.peak.flops,
-            "loss_scale": loss_scale, "skipped_steps": skipped_steps,
+            "loss_scale": loss_scale, "skipped_steps": skipped_steps, "nonfinite_steps": nonfinite_steps,
             "data_wait_s": data_wait, "compute_s": elapsed - data_wait, "optimizer_s": optimizer_s,
             "peak_memory_gb": peak_memory_gb(device),
             "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,

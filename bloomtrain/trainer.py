@@ -24,6 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from bloomtrain.checkpoint import latest_checkpoint
 from bloomtrain.checkpoint.manager import CheckpointManager, ResumePlan
+from bloomtrain.checkpoint.store import CheckpointSaveError
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
 from bloomtrain.data.blend import Blend
@@ -34,9 +35,11 @@ from bloomtrain.data.loader import (
     load_tokenizer,
     step_batches,
 )
+from bloomtrain.data.token_files import check_token_files
 from bloomtrain.distributed import DistributedContext
 from bloomtrain.evaluation import Validation
 from bloomtrain.flops import device_peak
+from bloomtrain.health import EXIT_DIVERGED, Heartbeat, NonFiniteSteps, is_finite
 from bloomtrain.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, read_metrics
 from bloomtrain.optim import build_optimizer, build_scheduler
 from bloomtrain.parallel.engine import StepResult, TrainingEngine
@@ -74,12 +77,15 @@ class Trainer:
         self.config, self.context, self.layout, self.blend = config, context, layout, blend
         train = config.train
         self.stops = StopRequests(train.exit_duration_minutes)
+        self.activity = "starting"  # what this rank is doing, for the message when a peer fails
         self.run_dir = Path(config.run.dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
+        self.heartbeat = Heartbeat(self.run_dir, context.rank)
         if context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(config))
 
+        check_token_files(blend, train.seq_length)
         self.tokenizer = load_tokenizer(blend.tokenizer)
         if self.tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
@@ -115,26 +121,48 @@ class Trainer:
             self.wandb_files = Path(self.metrics.wandb_dir).parent if self.metrics.wandb_dir else None
 
     def train(self) -> int:
-        """Train to ``train.max_steps``; returns the process exit status (0, or EXIT_RESUMABLE after a stop)."""
+        """Train to ``train.max_steps``; returns the process exit status (0; EXIT_RESUMABLE after a stop;
+        EXIT_DIVERGED after ``train.max_skipped_steps`` non-finite steps in a row)."""
         train = self.config.train
         status = 0
         progress = self.progress
+        non_finite = NonFiniteSteps(train.max_skipped_steps)
+        loss_scaling = train.precision == "fp16"
         display = StepProgress(train.max_steps, progress.step, self.config.logging.interval,
                                enabled=self.context.is_main)
         with display:
             while progress.step < train.max_steps:
                 started = time.perf_counter()
+                self.activity = "in the training step"
                 self.scheduler.step(1)  # step k trains with lr(k)
                 micro_batches = next(self.batches)
                 data_wait = time.perf_counter() - started
                 result = self.engine.train_step(micro_batches)
                 elapsed = time.perf_counter() - started
                 param_norm = self.engine.parameter_norm()  # collective: every rank
+                if non_finite.record(progress.step + 1, result.loss, result.grad_norm, loss_scaling):
+                    progress.nonfinite_steps += 1
+                    self._log_step(result, elapsed, data_wait, param_norm, display)
+                    status = self._stop_diverged(non_finite)
+                    break
+                if non_finite.last_step_was_bad:
+                    progress.nonfinite_steps += 1
+                    self._note_skipped_step(result)
                 self._log_step(result, elapsed, data_wait, param_norm, display)
+                self.heartbeat.step = progress.step
+                if param_norm is not None and not is_finite(param_norm):
+                    status = self._stop_diverged(non_finite, weights=True)
+                    break
                 patience_exhausted = self._evaluate_if_due() and progress.step < train.max_steps
                 interval = self.config.checkpoint.interval
                 saved = progress.step == train.max_steps or bool(interval and progress.step % interval == 0)
+                if saved and non_finite.last_step_was_bad:
+                    # The newest checkpoint stays the last one before the streak (saving resumes with it).
+                    saved = False
+                    if self.context.is_main:
+                        logger.warning("step %d: no checkpoint after a NaN/Inf step", progress.step)
                 if saved or patience_exhausted:
+                    self.activity = "saving a checkpoint"
                     self.save()
                 if patience_exhausted:
                     if self.context.is_main:
@@ -142,6 +170,7 @@ class Trainer:
                                f"{progress.best_valid_loss:.4f} for {self.config.eval.early_stop_patience} "
                                "evaluations (eval.early_stop_patience); checkpoint saved")
                     break
+                self.activity = "agreeing on whether to stop"
                 reason = self.stops.agreed_reason(self.context.device)
                 if reason is not None and progress.step < train.max_steps:
                     if not saved:
@@ -159,6 +188,29 @@ class Trainer:
             self._print_summary()
         return status
 
+    def _note_skipped_step(self, result: StepResult) -> None:
+        if self.context.is_main:
+            logger.warning("step %d skipped: loss %s, gradient norm %s (weights and optimizer state untouched; "
+                           "the run stops after train.max_skipped_steps=%d such steps in a row)",
+                           self.progress.step + 1, result.loss, result.grad_norm, self.config.train.max_skipped_steps)
+
+    def _stop_diverged(self, non_finite: NonFiniteSteps, weights: bool = False) -> int:
+        """Stop without saving: the newest checkpoint is the last good state."""
+        if self.context.is_main:
+            latest = latest_checkpoint(self.checkpoints_dir)
+            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
+            if weights:
+                what = f"the weights became NaN/Inf at step {self.progress.step}"
+            else:
+                what = (f"the loss or gradients were NaN/Inf for {non_finite.in_a_row} steps in a row (steps "
+                        f"{non_finite.first_step}-{self.progress.step}, each skipped; train.max_skipped_steps="
+                        f"{self.config.train.max_skipped_steps})")
+            notify(f"training diverged: {what}; nothing saved after it, {kept}. Lower optimizer.lr (now "
+                   f"{self.config.optimizer.lr:g}) or check the data, then restart: it resumes from that checkpoint")
+            record = {"step": self.progress.step, "reason": "diverged", "exit_status": EXIT_DIVERGED}
+            (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
+        return EXIT_DIVERGED
+
     def _log_step(self, result: StepResult, elapsed: float, data_wait: float, param_norm: float | None,
                   display: StepProgress) -> None:
         progress, train = self.progress, self.config.train
@@ -172,9 +224,11 @@ class Trainer:
         if self.metrics is None:
             return
         metrics = self.meter.metrics(
-            loss=result.loss, lr=self.engine.optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm,
+            loss=result.loss, lr=self.engine.optimizer.param_groups[0]["lr"],
+            grad_norm=result.grad_norm if is_finite(result.grad_norm) else None,
             param_norm=param_norm, loss_scale=self.engine.loss_scale(), skipped_steps=self.engine.skipped_steps(),
-            elapsed=elapsed, data_wait=data_wait, optimizer_s=result.optimizer_s,
+            nonfinite_steps=progress.nonfinite_steps, elapsed=elapsed, data_wait=data_wait,
+            optimizer_s=result.optimizer_s,
             consumed_samples=progress.consumed_samples, consumed_tokens=progress.consumed_tokens,
             tokens_by_language=progress.tokens_by_language, device=self.context.device)
         self.metrics.log(metrics, progress.step)
@@ -200,6 +254,7 @@ class Trainer:
         step, eval_config = self.progress.step, self.config.eval
         if self.validation is None or (step % eval_config.interval and step != self.config.train.max_steps):
             return False
+        self.activity = "evaluating"
         evaluation = self.validation.run(self.engine.evaluate_step)
         if self.metrics is not None:
             self.metrics.log_eval(evaluation, step)
@@ -213,8 +268,22 @@ class Trainer:
         patience = eval_config.early_stop_patience
         return bool(patience) and progress.evals_without_improvement >= patience
 
-    def save(self) -> Path:
-        return self.checkpoints.save(self.engine.engine, self.scheduler, self.progress)
+    def close(self) -> None:
+        """End the data loader's workers and the heartbeat; safe to call more than once."""
+        self.heartbeat.stop()
+        self.batches.close()
+
+    def save(self) -> Path | None:
+        """Collective; None when the save failed and ``checkpoint.on_error=continue``."""
+        try:
+            return self.checkpoints.save(self.engine.engine, self.scheduler, self.progress)
+        except CheckpointSaveError as error:
+            if self.config.checkpoint.on_error != "continue":
+                raise
+            if self.context.is_main:
+                notify(f"bloomtrain: {error}; training goes on (checkpoint.on_error=continue) and saves again "
+                       "at the next interval")
+            return None
 
     def _print_summary(self) -> None:
         latest = latest_checkpoint(self.checkpoints_dir)

@@ -45,8 +45,7 @@ def run_train(overrides: list[str], cwd: Path = REPO, check: bool = True, timeou
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m bloomtrain.train`` as a user would; returns the finished process."""
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "bloomtrain.train", *overrides], cwd=cwd, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = run_process([sys.executable, "-m", "bloomtrain.train", *overrides], cwd, full_env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -59,11 +58,28 @@ def run_torchrun(processes: int, overrides: list[str], check: bool = True, timeo
     full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *overrides]
-    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    result = run_process(command, REPO, full_env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-6000:]}")
     return result
+
+
+def run_process(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` to the end; on a timeout end it and every process under it (torchrun's ranks sit in
+    sessions of their own, and a rank left spinning would slow every later test), then fail."""
+    from bloomtrain.launch import end_process_tree
+
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        end_process_tree(process.pid, grace_seconds=5)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command[:4])}... did not finish in {timeout:.0f} s:\n{stdout[-3000:]}\n"
+                             f"{stderr[-5000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _free_port() -> int:

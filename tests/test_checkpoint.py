@@ -78,7 +78,8 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, sample_cache):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT],
+                         ids=["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_stop_signal_saves_and_exits_75(signum, tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     process = _start_torchrun(2, _overrides(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0"))

@@ -22,11 +22,13 @@ Resuming is two calls, because the engine must be built in between:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from bloomtrain.checkpoint import store
 from bloomtrain.checkpoint.rng import rng_state, set_rng_state
 from bloomtrain.checkpoint.safe_load import weights_only_loads
-from bloomtrain.checkpoint.store import CheckpointError, TrainingProgress
+from bloomtrain.checkpoint.store import CheckpointError, CheckpointSaveError, TrainingProgress
 from bloomtrain.checkpoint.universal import convert_to_universal, universal_checkpoint_info
 from bloomtrain.checkpoint.weights import read_model_weights
 from bloomtrain.config import CheckpointConfig, ConfigError, ModelConfig
@@ -119,7 +121,11 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------- saving
 
     def save(self, engine, scheduler, progress: TrainingProgress) -> Path:
-        """Collective: every rank calls it. Returns the new checkpoint's directory."""
+        """Collective: every rank calls it. Returns the new checkpoint's directory.
+
+        A write that fails on any rank (disk full, quota, I/O error) fails the save on every rank with
+        :class:`CheckpointSaveError`: the staging directory is removed and the previous checkpoint stays
+        ``latest``; nothing of the training state changes."""
         tag = f"step_{progress.step}"
         staging, final = self.checkpoints_dir / f"{tag}.tmp", self.checkpoints_dir / tag
         if self.is_main:
@@ -128,25 +134,53 @@ class CheckpointManager:
         dist.barrier()
         state = {"scheduler": scheduler.state_dict(), "rng": rng_state(),
                  "universal_checkpoint_info": universal_checkpoint_info()}
-        engine.save_checkpoint(str(self.checkpoints_dir), tag=staging.name, save_latest=False, client_state=state)
-        dist.barrier()
-        if self.is_main:
-            install_tokenizer(self.tokenizer, staging / store.TOKENIZER_DIR)
-            store.write_meta(staging, progress, self.model, self._layout_record(), self.padded_vocab_size,
-                             extra={"git_commit": self._commit, "config": self.run_config_yaml,
-                                    "tokenizer": self.tokenizer_fingerprint})
-            (staging / "config.yaml").write_text(self.run_config_yaml)
+        with self._failing_together(tag, staging):
+            engine.save_checkpoint(str(self.checkpoints_dir), tag=staging.name, save_latest=False,
+                                   client_state=state)
+        with self._failing_together(tag, staging):
+            if self.is_main:
+                install_tokenizer(self.tokenizer, staging / store.TOKENIZER_DIR)
+                store.write_meta(staging, progress, self.model, self._layout_record(), self.padded_vocab_size,
+                                 extra={"git_commit": self._commit, "config": self.run_config_yaml,
+                                        "tokenizer": self.tokenizer_fingerprint})
+                (staging / "config.yaml").write_text(self.run_config_yaml)
         names = _broadcast(store.list_files(staging) if self.is_main else None)
         rank, world = dist.get_rank(), dist.get_world_size()
         gathered: list[dict[str, str]] = [{} for _ in range(world)]
         dist.all_gather_object(gathered, {name: store.file_digest(staging / name) for name in names[rank::world]})
+        with self._failing_together(tag, staging):
+            if self.is_main:
+                store.write_manifest(staging, {k: v for part in gathered for k, v in part.items()})
+                store.publish(staging, final)
         if self.is_main:
-            store.write_manifest(staging, {k: v for part in gathered for k, v in part.items()})
-            store.publish(staging, final)
             for removed in store.prune(self.checkpoints_dir, self.config.keep, self.config.keep_every):
                 logger.info("removed old checkpoint %s", removed.name)
         dist.barrier()
         return final
+
+    @contextlib.contextmanager
+    def _failing_together(self, tag: str, staging: Path) -> Iterator[None]:
+        """Collective: run the block on every rank, then agree; if it failed anywhere, clean up and raise
+        :class:`CheckpointSaveError` everywhere (a rank left alone in the next collective would hang)."""
+        failure = None
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        failures: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+        bad = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+        if not bad:
+            return
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        dist.barrier()
+        previous = store.latest_checkpoint(self.checkpoints_dir)
+        kept = f"{previous} is intact and still latest" if previous else "there is no earlier checkpoint"
+        rank, text = bad[0]
+        raise CheckpointSaveError(f"saving checkpoint {tag} failed on rank {rank} ({text}); the partial save was "
+                                  f"removed and {kept}. Free space under {self.checkpoints_dir} (or lower "
+                                  "checkpoint.keep)")
 
     # ----------------------------------------------------------------------------------------- resuming
 

@@ -36,6 +36,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says why in one line."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save that failed (on any rank); the previous checkpoint is untouched."""
+
+
 @dataclass
 class TrainingProgress:
     """Where training stands: what a resume needs besides the tensors."""
@@ -47,6 +51,7 @@ class TrainingProgress:
     tokens_by_language: dict[str, int] = dataclasses.field(default_factory=dict)
     best_valid_loss: float | None = None  # for eval.early_stop_patience
     evals_without_improvement: int = 0
+    nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss or gradient (bloomtrain/health.py)
 
 
 @dataclass(frozen=True)

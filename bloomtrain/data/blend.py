@@ -15,6 +15,7 @@ megatron-core's ``MegatronTokenizer`` loads: a sentencepiece model's file, or a 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def read_blend(path: str | Path) -> Blend:
         raise ValueError(f"data.blend={path} is not a valid blend file: {error!r}") from None
     if not entries:
         raise ValueError(f"data.blend={path} lists no datasets")
+    for entry in entries:
+        if not isinstance(entry.weight, (int, float)) or not math.isfinite(entry.weight) or entry.weight <= 0:
+            raise ValueError(f"data.blend={path}: dataset {entry.lang or entry.prefix} has weight {entry.weight!r}; "
+                             "weights must be positive finite numbers (they are normalized to sum to 1)")
     for entry in entries:
         for prefix in (entry.prefix, entry.valid_prefix):
             for suffix in (".bin", ".idx"):

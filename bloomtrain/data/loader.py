@@ -8,6 +8,7 @@ whatever the data-parallel size.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
 from collections.abc import Iterator
@@ -110,14 +111,50 @@ class MicroBatchSampler(Sampler[list[int]]):
 
 def _leave_stop_signals_to_the_trainer(_: int) -> None:
     # torchrun and SLURM signal the whole process group; a loader worker dying of SIGTERM would abort
-    # the step the trainer is finishing before its checkpoint. Workers exit with their parent anyway.
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    # the step the trainer is finishing before its checkpoint. StepBatches.close() ends the workers.
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
 
 
+class StepBatches:
+    """For each optimizer step, the list of this rank's micro-batches (``tokens``, ``labels``).
+
+    :meth:`close` ends the loader's worker processes with SIGKILL (they ignore the stop signals, see
+    above), and runs at exit too: Python's own exit would SIGTERM them and wait forever.
+    """
+
+    def __init__(self, loader: DataLoader, micro_batches_per_step: int) -> None:
+        self._batches = iter(loader)
+        self._per_step = micro_batches_per_step
+        if loader.num_workers:
+            atexit.register(self.close)
+
+    def __iter__(self) -> StepBatches:
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        micro_batches = []
+        for _ in range(self._per_step):
+            batch = next(self._batches)
+            micro_batches.append({"tokens": batch["tokens"], "labels": batch["labels"]})
+        return micro_batches
+
+    def close(self) -> None:
+        # The loader's own shutdown first: it asks the workers to finish and stops watching them (a
+        # worker it still watches dying of SIGKILL would raise here); then whatever did not finish.
+        shutdown = getattr(self._batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in getattr(self._batches, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
+        atexit.unregister(self.close)
+
+
 def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, total_samples: int,
-                 num_workers: int) -> Iterator[list[dict[str, torch.Tensor]]]:
-    """Yield, for each optimizer step, the list of this rank's micro-batches (``tokens``, ``labels``)."""
+                 num_workers: int) -> StepBatches:
+    """This rank's micro-batches, one list per optimizer step, from ``consumed_samples`` on."""
     loader = DataLoader(
         dataset,
         batch_sampler=MicroBatchSampler(layout, consumed_samples, total_samples),
@@ -126,9 +163,4 @@ def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, t
         persistent_workers=False,
         worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
-    micro_batches: list[dict[str, torch.Tensor]] = []
-    for batch in loader:
-        micro_batches.append({"tokens": batch["tokens"], "labels": batch["labels"]})
-        if len(micro_batches) == layout.micro_batches_per_step:
-            yield micro_batches
-            micro_batches = []
+    return StepBatches(loader, layout.micro_batches_per_step)

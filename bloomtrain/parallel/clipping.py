@@ -20,7 +20,8 @@ def deepspeed_clips(precision: str, zero_stage: int) -> bool:
 
 
 class AdamWWithGlobalClipping(torch.optim.AdamW):
-    """AdamW that clips by the global gradient norm first.
+    """AdamW that clips by the global gradient norm first, and skips a step whose norm is NaN/Inf as
+    DeepSpeed's own wrappers do.
 
     The norm counts each parameter once: tensor-sharded ones on every rank, tensor-replicated ones on
     tensor rank 0, and the tied embedding (``ds_pipe_replicated`` on the last stage) on the first
@@ -37,6 +38,8 @@ class AdamWWithGlobalClipping(torch.optim.AdamW):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         norm = _global_norm([p.grad for p in params if _counts_once(p)], params[0].device)
         self._global_grad_norm = norm.item()
+        if not torch.isfinite(norm):
+            return None  # a NaN/Inf gradient: skip the step, weights and moments untouched (bloomtrain/health.py)
         if self.max_norm > 0:
             scale = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
             for group in self.param_groups:

@@ -71,7 +71,7 @@ def check_precision_supported(precision: str) -> None:
 @dataclass
 class StepResult:
     loss: float
-    grad_norm: float | None
+    grad_norm: float | None  # NaN/Inf on a step DeepSpeed (or our optimizer) skipped; None when unknown
     optimizer_s: float | None = None  # the optimizer step alone (not separable under pipeline parallelism)
 
 
@@ -111,8 +111,8 @@ class TrainingEngine:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             grad_norm = float(grad_norm)
-            if not math.isfinite(grad_norm) or grad_norm < 0:  # an fp16 overflow step, skipped by DeepSpeed
-                grad_norm = None
+            if grad_norm < 0:  # DeepSpeed's sentinel for a NaN/Inf norm
+                grad_norm = math.nan
         return StepResult(loss, grad_norm, optimizer_s if self.layout.pipeline == 1 else None)
 
     def loss_scale(self) -> float | None:

@@ -10,7 +10,7 @@ from bloomtrain.parallel.layout import ParallelLayout
 MEGATRON_ORDER = "tp-cp-ep-dp-pp"  # megatron-core's name for the rank order of ``layout.py``
 
 
-def init_parallel_groups(layout: ParallelLayout) -> None:
+def init_parallel_groups(layout: ParallelLayout, timeout_minutes: float = 10.0) -> None:
     """Create tensor / pipeline / data groups in the rank order documented in ``layout.py``."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -18,6 +18,7 @@ def init_parallel_groups(layout: ParallelLayout) -> None:
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         order=MEGATRON_ORDER,
+        distributed_timeout_minutes=timeout_minutes,  # used as timedelta(minutes=...): fractions work
     )
     assert parallel_state.get_data_parallel_world_size() == layout.data
 

@@ -7,7 +7,8 @@ each taking the lines that start inside its byte range; a large Parquet file by 
 
 Bad input never stops a run and is never dropped silently: each bad record is counted under a named
 reason (``malformed_json``, ``invalid_utf8``, ``missing_text``, ``non_string_text``, ``empty``,
-``oversized``) in the reader's statistics.
+``oversized``) in the reader's statistics; a damaged compressed or Parquet file (``corrupt_file``) keeps
+the documents read before the damage, with a warning naming the file.
 Document ids default to ``<file name>:<line or row>`` when the id field is absent
 (``<file name>@<byte offset>`` in a byte range of a JSON Lines file, whose line numbers are unknown).
 """
@@ -19,6 +20,7 @@ import gzip
 import io
 import itertools
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,21 @@ from pathlib import Path
 from data_tools.errors import DataError
 from data_tools.steps.base import Document, StepStats
 
+logger = logging.getLogger(__name__)
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.zst")
 PARQUET_SUFFIXES = (".parquet",)
+
+
+def _corrupt_file_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow
+    import zstandard
+
+    return EOFError, gzip.BadGzipFile, zstandard.ZstdError, pyarrow.ArrowInvalid, OSError
+
+
+CORRUPT_FILE_ERRORS = _corrupt_file_errors()
 
 
 class InputError(DataError):
@@ -40,6 +54,9 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         matches = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True))
+        if len(matches) == 1 and matches[0].is_dir():
+            raise InputError(f"input.paths: {pattern!r} is a directory; name its files, e.g. "
+                             f"'{matches[0]}/**/*.jsonl.gz'")
         matches = [m for m in matches if m.is_file()]
         if not matches:
             raise InputError(f"input.paths: {pattern!r} matches no file")
@@ -108,10 +125,47 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
+        return io.BufferedReader(_ZstdFrames(path))
+    return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A zstd file's decompressed bytes, frame after frame, raising EOFError when it ends inside a frame
+    (zstandard's own stream reader ends quietly there, and a truncated file would pass for a short one)."""
+
+    def __init__(self, path: Path) -> None:
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._file = open(path, "rb")
+        self._frame = self._new()
+        self._pending = b""
+        self._started = False  # bytes of the current frame seen
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._file.read(1 << 16)
+            if not chunk:
+                if self._started and not self._frame.eof:
+                    raise EOFError("the zstd stream ends inside a frame (truncated file)")
+                return 0
+            while chunk:
+                if self._frame.eof:
+                    self._frame, self._started = self._new(), False
+                self._started = True
+                self._pending += self._frame.decompress(chunk)
+                chunk = self._frame.unused_data if self._frame.eof else b""
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _jsonl_lines(shard: InputShard) -> Iterator[tuple[str, bytes]]:
@@ -154,11 +208,19 @@ class DocumentReader:
             records = self._text_records(path)
         else:
             records = self._jsonl_records(shard)
-        for position, record in records:
-            document = self._document(path, position, record)
-            if document is not None:
-                self.stats.record_out(document)
-                yield document
+        documents = 0
+        try:
+            for position, record in records:
+                document = self._document(path, position, record)
+                if document is not None:
+                    documents += 1
+                    self.stats.record_out(document)
+                    yield document
+        except CORRUPT_FILE_ERRORS as error:
+            # What was read before the damage is kept; the rest of the file cannot be reached.
+            self.stats.record_drop("corrupt_file")
+            logger.warning("input %s is damaged after %d documents (%s: %s); skipped the rest of it",
+                           path, documents, type(error).__name__, error)
 
     def _jsonl_records(self, shard: InputShard) -> Iterator[tuple[str, dict]]:
         for position, raw in _jsonl_lines(shard):

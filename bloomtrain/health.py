@@ -1,0 +1,106 @@
+"""Steps whose loss or gradients are not finite: skipped, counted, and a stop when they keep coming.
+
+DeepSpeed's optimizer wrappers skip a step whose gradient norm is NaN/Inf (ZeRO >= 1, bf16, fp16),
+and bloomtrain's own clipping optimizer does the same under fp32 ZeRO 0
+(``parallel/clipping.py``), so a non-finite step leaves the weights and the optimizer state as they
+were. This module only decides what the trainer does next: carry on (the next batch may be fine), or,
+after ``train.max_skipped_steps`` such steps in a row, stop without saving — the newest checkpoint
+is the last good state — and exit with :data:`EXIT_DIVERGED`.
+
+fp16's loss-scale overflows are DeepSpeed's normal business (it lowers the scale and retries) and are
+not counted here unless the loss itself is not finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_DIVERGED = 3
+"""Exit status after too many non-finite steps in a row: not worth requeueing as is."""
+
+
+def is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+@dataclass
+class NonFiniteSteps:
+    """Counts non-finite steps; ``record`` says whether the run must stop."""
+
+    max_in_a_row: int
+    in_a_row: int = 0
+    total: int = 0
+    first_step: int | None = None  # the first step of the current streak
+
+    def record(self, step: int, loss: float, grad_norm: float | None, loss_scaling: bool) -> bool:
+        """Note ``step``'s outcome; True when the streak has reached ``max_in_a_row``.
+
+        ``grad_norm`` is None where it is not known (an fp16 overflow step, which DeepSpeed reports
+        that way); under ``loss_scaling`` only a non-finite loss counts."""
+        bad = not math.isfinite(loss) or (not loss_scaling and grad_norm is not None and not is_finite(grad_norm))
+        if not bad:
+            self.in_a_row, self.first_step = 0, None
+            return False
+        self.total += 1
+        self.in_a_row += 1
+        self.first_step = step if self.first_step is None else self.first_step
+        return self.in_a_row >= self.max_in_a_row
+
+    @property
+    def last_step_was_bad(self) -> bool:
+        return self.in_a_row > 0
+
+
+HEARTBEAT_DIR = "heartbeats"
+
+
+class Heartbeat:
+    """``RUN_DIR/heartbeats/rank-N.json``, rewritten every few seconds by a thread: the step this rank
+    last finished and the time. A rank that is stopped, deadlocked or stuck in I/O stops writing while
+    its peers (waiting for it in a collective) go on, so the launcher sees which rank hangs long before
+    the collective times out."""
+
+    def __init__(self, run_dir: Path, rank: int, interval_seconds: float = 5.0) -> None:
+        self.path = Path(run_dir) / HEARTBEAT_DIR / f"rank-{rank}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+        self._stopped = threading.Event()
+        self._interval = interval_seconds
+        self._write()
+        threading.Thread(target=self._run, name="bloomtrain-heartbeat", daemon=True).start()
+
+    def _write(self) -> None:
+        staging = self.path.with_suffix(".tmp")
+        staging.write_text(json.dumps({"step": self.step, "time": time.time()}))
+        staging.replace(self.path)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            with contextlib.suppress(OSError):  # a full disk must not end training from this thread
+                self._write()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def quiet_ranks(run_dir: Path, older_than_seconds: float, since: float) -> dict[int, dict]:
+    """Ranks whose heartbeat (written after ``since``) is older than ``older_than_seconds`` while another
+    rank's is fresh: what a hung rank looks like from outside."""
+    beats = {}
+    for path in (Path(run_dir) / HEARTBEAT_DIR).glob("rank-*.json"):
+        try:
+            beat = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if beat["time"] >= since:
+            beats[int(path.stem.split("-")[1])] = beat
+    if not beats:
+        return {}
+    newest = max(beat["time"] for beat in beats.values())
+    return {rank: beat for rank, beat in beats.items() if newest - beat["time"] > older_than_seconds}

@@ -1,0 +1,30 @@
+"""What the fault tests share: a few-step run of the quickstart on the bundled sample, and the checks
+that an outcome was "handled" (one line from bloomtrain, no library traceback)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def tiny_run(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
+            "optimizer.warmup_steps=1", "eval.interval=0", "logging.wandb.mode=disabled",
+            "logging.tensorboard=false", "train.peak_tflops=1", *extra]
+
+
+def assert_one_line_error(stderr: str, *expected: str) -> str:
+    """The line of ``stderr`` that says what went wrong, with every ``expected`` piece; no traceback."""
+    assert "Traceback" not in stderr, stderr[-4000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("bloomtrain")]
+    matching = [line for line in lines if all(piece in line for piece in expected)]
+    assert matching, f"no line with {expected} in:\n{stderr[-4000:]}"
+    return matching[0]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
