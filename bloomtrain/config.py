@@ -128,6 +128,17 @@ class TrainConfig:
     max_skipped_steps: int = 10
     """Steps in a row whose loss or gradients are NaN/Inf (each skipped, the optimizer untouched) before
     the run stops with exit status 3, keeping its last good checkpoint."""
+    loss_spike_factor: float = 0.0
+    """Loss-spike guard: a step whose loss exceeds this factor times the highest loss of the previous
+    ``train.loss_spike_window`` steps rolls the run back to its newest checkpoint and skips every sample
+    read since (recorded in the checkpoint, so a resume skips them too); 0 = off. Needs checkpoint.interval."""
+    loss_spike_window: int = 50
+    """Steps of loss history the guard compares with; it is armed once the window is full."""
+    loss_spike_max_rollbacks: int = 3
+    """Rollbacks allowed in a run; one more spike stops it with exit status 3."""
+    inject_loss_spike_at: list[int] = field(default_factory=list)
+    """Testing the guard (as Megatron-LM's error injection): the loss the guard sees the first time the run
+    reaches each of these steps is multiplied by 1000. Training itself is unchanged."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_length"):
@@ -135,6 +146,10 @@ class TrainConfig:
         require(self.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0 = no budget)")
         require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         require(self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
+        require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
+                f"train.loss_spike_factor must be 0 (off) or above 1, got {self.loss_spike_factor}")
+        require(self.loss_spike_window >= 1, "train.loss_spike_window must be >= 1")
+        require(self.loss_spike_max_rollbacks >= 0, "train.loss_spike_max_rollbacks must be >= 0")
         require(self.peak_tflops is None or self.peak_tflops > 0, "train.peak_tflops must be positive or null")
         require(
             self.precision in PRECISIONS,
@@ -379,6 +394,8 @@ class BloomTrainConfig:
         require(self.launcher == "slurm" or self.launch.nodes == 1 or self.launch.rendezvous,
                 f"launch.nodes={self.launch.nodes} needs launcher=slurm, or launch.rendezvous=HOST:PORT "
                 "with bloomtrain.launch started on every node")
+        require(not self.train.loss_spike_factor or self.checkpoint.interval > 0,
+                "train.loss_spike_factor rolls back to the newest checkpoint: set checkpoint.interval > 0")
         decay_steps = self.optimizer.decay_steps or self.train.max_steps
         require(
             self.optimizer.warmup_steps < decay_steps,

@@ -13,6 +13,7 @@ not counted here unless the loss itself is not finite.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -55,6 +56,27 @@ class NonFiniteSteps:
     @property
     def last_step_was_bad(self) -> bool:
         return self.in_a_row > 0
+
+
+class LossSpikes:
+    """The loss-spike test: a loss above ``factor`` times the highest of the last ``window`` losses.
+
+    BigScience's 104B runs diverged after such spikes; their remedy, automated here by the trainer, is
+    to go back to a checkpoint from before the spike and skip the data that led to it."""
+
+    def __init__(self, factor: float, window: int) -> None:
+        self.factor = factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    def is_spike(self, loss: float) -> bool:
+        spike = len(self.recent) == self.recent.maxlen and loss > self.factor * max(self.recent)
+        if not spike:
+            self.recent.append(loss)
+        return spike
+
+    @property
+    def threshold(self) -> float:
+        return self.factor * max(self.recent)
 
 
 HEARTBEAT_DIR = "heartbeats"

@@ -32,6 +32,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, config: LoggingConfig, run_name: str, run_config: dict[str, Any],
                  resume_step: int = 0, wandb_run_id: str | None = None) -> None:
         self._files = {}
+        self._run_dir = Path(run_dir)
         for name in (METRICS_FILE, EVAL_FILE):
             _truncate_after(run_dir / name, resume_step)
             self._files[name] = (run_dir / name).open("a", encoding="utf-8")
@@ -75,6 +76,20 @@ class MetricsLogger:
             for key, value in scalars.items():
                 self._tensorboard.add_scalar(key, value, step)
             self._tensorboard.flush()
+
+    def rewind(self, step: int) -> None:
+        """Forget the steps after ``step`` (a loss-spike rollback): the JSON Lines files drop them and
+        TensorBoard purges them. W&B keeps what it received and ignores re-logged steps until the run
+        passes the old ones (its steps only increase); the rollback itself is in the log and the files."""
+        for name, handle in self._files.items():
+            handle.close()
+            _truncate_after(self._run_dir / name, step)
+            self._files[name] = (self._run_dir / name).open("a", encoding="utf-8")
+        if self._tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard.close()
+            self._tensorboard = SummaryWriter(str(self._run_dir / TENSORBOARD_DIR), purge_step=step + 1)
 
     def close(self) -> None:
         for handle in self._files.values():

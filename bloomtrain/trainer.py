@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from bloomtrain.checkpoint import latest_checkpoint
 from bloomtrain.checkpoint.manager import CheckpointManager, ResumePlan
-from bloomtrain.checkpoint.store import CheckpointSaveError
+from bloomtrain.checkpoint.store import CheckpointSaveError, TrainingProgress
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
 from bloomtrain.data.blend import Blend
@@ -39,7 +40,7 @@ from bloomtrain.data.token_files import check_token_files
 from bloomtrain.distributed import DistributedContext
 from bloomtrain.evaluation import Validation
 from bloomtrain.flops import device_peak
-from bloomtrain.health import EXIT_DIVERGED, Heartbeat, NonFiniteSteps, is_finite
+from bloomtrain.health import EXIT_DIVERGED, Heartbeat, LossSpikes, NonFiniteSteps, is_finite
 from bloomtrain.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, read_metrics
 from bloomtrain.optim import build_optimizer, build_scheduler
 from bloomtrain.parallel.engine import StepResult, TrainingEngine
@@ -78,6 +79,7 @@ class Trainer:
         train = config.train
         self.stops = StopRequests(train.exit_duration_minutes)
         self.activity = "starting"  # what this rank is doing, for the message when a peer fails
+        self.injected: set[int] = set()  # steps whose loss train.inject_loss_spike_at has multiplied
         self.run_dir = Path(config.run.dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.heartbeat = Heartbeat(self.run_dir, context.rank)
@@ -100,11 +102,12 @@ class Trainer:
 
         self.batch_layout = BatchLayout(train.micro_batch_size, train.global_batch_size, layout.data,
                                         parallel_state.get_data_parallel_rank())
-        total_samples = train.max_steps * train.global_batch_size
-        self.dataset = build_train_dataset(blend, self.tokenizer, train.seq_length, total_samples,
+        # Room for the samples loss-spike rollbacks pass over (at most a checkpoint interval each).
+        spare_steps = train.loss_spike_max_rollbacks * config.checkpoint.interval if train.loss_spike_factor else 0
+        self.total_samples = (train.max_steps + spare_steps) * train.global_batch_size
+        self.dataset = build_train_dataset(blend, self.tokenizer, train.seq_length, self.total_samples,
                                            train.seed, self.run_dir / "data_index")
-        self.batches = step_batches(self.dataset, self.batch_layout, self.progress.consumed_samples,
-                                    total_samples, config.data.num_workers)
+        self.batches = self._batches_from(self.progress)
         self.validation = self._build_validation()
         self.metrics: MetricsLogger | None = None
         if context.is_main:
@@ -127,6 +130,7 @@ class Trainer:
         status = 0
         progress = self.progress
         non_finite = NonFiniteSteps(train.max_skipped_steps)
+        spikes = LossSpikes(train.loss_spike_factor, train.loss_spike_window) if train.loss_spike_factor else None
         loss_scaling = train.precision == "fp16"
         display = StepProgress(train.max_steps, progress.step, self.config.logging.interval,
                                enabled=self.context.is_main)
@@ -153,6 +157,16 @@ class Trainer:
                 if param_norm is not None and not is_finite(param_norm):
                     status = self._stop_diverged(non_finite, weights=True)
                     break
+                seen = result.loss
+                if progress.step in train.inject_loss_spike_at and progress.step not in self.injected:
+                    self.injected.add(progress.step)  # once: the re-done step after a rollback is clean
+                    seen *= 1000
+                if spikes is not None and math.isfinite(seen) and spikes.is_spike(seen):
+                    status = self._roll_back(seen, spikes)
+                    if status is not None:
+                        break
+                    progress = self.progress
+                    continue
                 patience_exhausted = self._evaluate_if_due() and progress.step < train.max_steps
                 interval = self.config.checkpoint.interval
                 saved = progress.step == train.max_steps or bool(interval and progress.step % interval == 0)
@@ -188,6 +202,42 @@ class Trainer:
             self._print_summary()
         return status
 
+    def _roll_back(self, loss: float, spikes: LossSpikes) -> int | None:
+        """Collective: load the newest checkpoint into the running engine and read on from the data position
+        reached, passing over every sample read since that checkpoint. None to carry on, or EXIT_DIVERGED."""
+        train, old = self.config.train, self.progress
+        plan = self.checkpoints.plan_rollback()
+        position = old.consumed_samples + old.skipped_samples
+        spare = self.total_samples - train.max_steps * train.global_batch_size
+        skipped = position - plan.meta.progress.consumed_samples if plan else 0
+        why = (f"loss spike at step {old.step}: loss {loss:.4f} > {spikes.factor:g} x {max(spikes.recent):.4f} "
+               f"(the highest of the last {len(spikes.recent)} steps, train.loss_spike_factor)")
+        if plan is None or old.loss_spikes >= train.loss_spike_max_rollbacks or skipped > spare:
+            reason = ("no checkpoint of this run under this layout to roll back to" if plan is None else
+                      f"train.loss_spike_max_rollbacks={train.loss_spike_max_rollbacks} used up"
+                      if old.loss_spikes >= train.loss_spike_max_rollbacks else
+                      f"skipping {skipped} more samples would run past the data prepared for rollbacks")
+            if self.context.is_main:
+                notify(f"training diverged: {why}; {reason}. Stopping with nothing saved after it; lower "
+                       "optimizer.lr or check the data, then restart (checkpoint.resume=PATH for an older one)")
+                (self.run_dir / STOP_RECORD).write_text(json.dumps(
+                    {"step": old.step, "reason": "loss spike", "exit_status": EXIT_DIVERGED}) + "\n")
+            return EXIT_DIVERGED
+        passed_over = position - (plan.meta.progress.consumed_samples + plan.meta.progress.skipped_samples)
+        restored = self.checkpoints.restore(plan, self.engine.engine, self.scheduler)
+        restored.skipped_samples = position - restored.consumed_samples
+        restored.loss_spikes = old.loss_spikes + 1
+        restored.wandb_run_id, restored.nonfinite_steps = old.wandb_run_id, old.nonfinite_steps
+        self.progress = restored
+        self.batches.close()
+        self.batches = self._batches_from(restored)
+        self.heartbeat.step = restored.step
+        if self.metrics is not None:
+            self.metrics.rewind(restored.step)
+            notify(f"{why}; rolled back to {plan.checkpoint.name} and passed over the {passed_over} samples "
+                   f"read since (rollback {restored.loss_spikes} of {train.loss_spike_max_rollbacks})")
+        return None
+
     def _note_skipped_step(self, result: StepResult) -> None:
         if self.context.is_main:
             logger.warning("step %d skipped: loss %s, gradient norm %s (weights and optimizer state untouched; "
@@ -215,7 +265,8 @@ class Trainer:
                   display: StepProgress) -> None:
         progress, train = self.progress, self.config.train
         if self.metrics is not None:
-            step_tokens = self.meter.tokens_by_language(progress.consumed_samples, train.global_batch_size)
+            step_tokens = self.meter.tokens_by_language(progress.consumed_samples + progress.skipped_samples,
+                                                        train.global_batch_size)
             for language, count in step_tokens.items():
                 progress.tokens_by_language[language] = progress.tokens_by_language.get(language, 0) + count
         progress.step += 1
@@ -267,6 +318,11 @@ class Trainer:
             progress.evals_without_improvement += 1
         patience = eval_config.early_stop_patience
         return bool(patience) and progress.evals_without_improvement >= patience
+
+    def _batches_from(self, progress: TrainingProgress):
+        position = progress.consumed_samples + progress.skipped_samples
+        return step_batches(self.dataset, self.batch_layout, position, self.total_samples,
+                            self.config.data.num_workers)
 
     def close(self) -> None:
         """End the data loader's workers and the heartbeat; safe to call more than once."""

@@ -198,6 +198,17 @@ class CheckpointManager:
         load_from = self._prepare_universal(checkpoint) if universal else checkpoint
         return ResumePlan(checkpoint, meta, load_from, universal, self.padded_vocab_size)
 
+    def plan_rollback(self) -> ResumePlan | None:
+        """Collective: the newest complete checkpoint of this run saved under this layout (what a loss-spike
+        rollback loads into the running engine), or None."""
+        for checkpoint in store.published_checkpoints(self.checkpoints_dir):
+            meta = store.read_meta(checkpoint)
+            if meta.weights_only or any(meta.layout.get(key) != value for key, value in self._layout_record().items()):
+                return None
+            if not _shared_problems(checkpoint):
+                return ResumePlan(checkpoint, meta, checkpoint, False, self.padded_vocab_size)
+        return None
+
     def restore(self, plan: ResumePlan, engine, scheduler) -> TrainingProgress:
         """Collective: model, optimizer, scheduler and RNG from ``plan`` into a run; returns where it stands."""
         if plan.checkpoint is None:

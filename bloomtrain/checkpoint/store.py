@@ -52,6 +52,8 @@ class TrainingProgress:
     best_valid_loss: float | None = None  # for eval.early_stop_patience
     evals_without_improvement: int = 0
     nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss or gradient (bloomtrain/health.py)
+    skipped_samples: int = 0  # samples passed over after loss spikes: training reads from consumed + skipped
+    loss_spikes: int = 0  # rollbacks so far
 
 
 @dataclass(frozen=True)

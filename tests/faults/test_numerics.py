@@ -1,13 +1,15 @@
 """NaN/Inf in the loss or gradients: skipped steps with the optimizer untouched, a stop after
-``train.max_skipped_steps`` in a row, never a checkpoint from inside the streak."""
+``train.max_skipped_steps`` in a row, never a checkpoint from inside the streak. Loss spikes: a rollback
+to the newest checkpoint that passes over the data read since, kept across a resume."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from bloomtrain.health import EXIT_DIVERGED, NonFiniteSteps
+from bloomtrain.health import EXIT_DIVERGED, LossSpikes, NonFiniteSteps
 from tests.conftest import run_train
 from tests.faults.helpers import assert_one_line_error, latest, metrics, tiny_run
 
@@ -50,3 +52,51 @@ def test_a_diverging_run_skips_its_nan_steps_then_stops_with_its_last_good_check
     # Nothing from inside the streak was published.
     assert latest(run_dir) == "step_1"
     assert sorted(path.name for path in (run_dir / "checkpoints").glob("step_*")) == ["step_1"]
+
+
+def test_a_loss_above_the_factor_times_the_recent_highest_is_a_spike():
+    spikes = LossSpikes(factor=2.0, window=3)
+    assert not any(spikes.is_spike(loss) for loss in (9.0, 5.0, 4.0))  # arming: the window fills first
+    assert not spikes.is_spike(17.9)  # below 2 x 9
+    assert spikes.is_spike(40.0)  # above 2 x 17.9, and not taken into the window
+    assert max(spikes.recent) == 17.9
+
+
+def _spiky(run_dir, cache, *extra: str) -> list[str]:
+    return tiny_run(run_dir, cache, "optimizer.decay_steps=8", "checkpoint.interval=2", "train.loss_spike_factor=1.5",
+                    "train.loss_spike_window=3", "train.inject_loss_spike_at=[5]", *extra)
+
+
+@pytest.mark.slow
+def test_a_loss_spike_rolls_back_skips_the_data_read_since_and_a_resume_keeps_skipping(tmp_path, sample_cache):
+    plain = tmp_path / "plain"
+    run_train(tiny_run(plain, sample_cache, "optimizer.decay_steps=8", "train.max_steps=8", "checkpoint.interval=2"))
+    spiky = tmp_path / "spiky"
+    result = run_train(_spiky(spiky, sample_cache, "train.max_steps=8"))
+    assert ("bloomtrain: loss spike at step 5: loss" in result.stdout and "rolled back to step_4 and passed over "
+            "the 16 samples read since (rollback 1 of 3)" in result.stdout)
+    rows, plain_rows = metrics(spiky), metrics(plain)
+    assert [row["step"] for row in rows] == list(range(1, 9))  # the rolled-back step is not logged twice
+    assert [row["loss"] for row in rows[:4]] == [row["loss"] for row in plain_rows[:4]]
+    # Step 5 is re-done from step 4's weights on the samples after the skipped ones: not the same loss.
+    assert rows[4]["loss"] != plain_rows[4]["loss"] and rows[4]["consumed_samples"] == 80
+    progress = json.loads((spiky / "checkpoints" / "step_8" / "meta.json").read_text())["progress"]
+    assert (progress["skipped_samples"], progress["loss_spikes"], progress["consumed_samples"]) == (16, 1, 128)
+
+    # Stopped after the rollback and resumed: the checkpoint carries the skip, the losses continue exactly.
+    resumed = tmp_path / "resumed"
+    run_train(_spiky(resumed, sample_cache, "train.max_steps=6"))
+    run_train(_spiky(resumed, sample_cache, "train.max_steps=8"))
+    assert [row["loss"] for row in metrics(resumed)] == [row["loss"] for row in rows]
+
+
+@pytest.mark.slow
+def test_a_spike_with_no_rollback_left_stops_the_run(tmp_path, sample_cache):
+    run_dir = tmp_path / "run"
+    result = run_train(_spiky(run_dir, sample_cache, "train.max_steps=8", "train.loss_spike_max_rollbacks=0"),
+                       check=False)
+    assert result.returncode == EXIT_DIVERGED
+    line = assert_one_line_error(result.stdout, "training diverged: loss spike at step 5",
+                                 "train.loss_spike_max_rollbacks=0 used up")
+    assert "Stopping with nothing saved after it" in line
+    assert latest(run_dir) == "step_4"
