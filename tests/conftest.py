@@ -41,11 +41,20 @@ def no_eval_unless_asked(overrides) -> list[str]:
     return [] if any(item.startswith("eval.interval=") for item in overrides) else ["eval.interval=0"]
 
 
+def with_a_given_peak(overrides: list[str]) -> list[str]:
+    """MFU's peak given (``train.peak_tflops=1``) unless the test sets it: measuring it takes rank 0 about
+    15 s of matmuls per run on this CPU, while the other ranks wait. ``tests/test_metrics.py`` tests the
+    measurement, and ``test_run_directory_layout`` runs with it (``train.peak_tflops=null``)."""
+    return list(overrides) if any(item.startswith("train.peak_tflops=") for item in overrides) else [
+        *overrides, "train.peak_tflops=1"]
+
+
 def run_train(overrides: list[str], cwd: Path = REPO, check: bool = True, timeout: float = 600,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m bloomtrain.train`` as a user would; returns the finished process."""
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    result = run_process([sys.executable, "-m", "bloomtrain.train", *overrides], cwd, full_env, timeout)
+    result = run_process([sys.executable, "-m", "bloomtrain.train", *with_a_given_peak(overrides)], cwd, full_env,
+                         timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -56,6 +65,8 @@ def run_torchrun(processes: int, overrides: list[str], check: bool = True, timeo
                  env: dict[str, str] | None = None, module: str = "bloomtrain.train") -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc_per_node N -m MODULE`` on 127.0.0.1 (gloo on CPU)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    if module in ("bloomtrain.train", "tests.cpu_fp16"):
+        overrides = with_a_given_peak(overrides)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *overrides]
     result = run_process(command, REPO, full_env, timeout)

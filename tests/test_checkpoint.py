@@ -17,7 +17,7 @@ import torch
 
 from bloomtrain.checkpoint import store
 from bloomtrain.metrics import read_metrics
-from tests.conftest import REPO, _free_port, no_eval_unless_asked, run_torchrun, run_train
+from tests.conftest import REPO, _free_port, no_eval_unless_asked, run_torchrun, run_train, with_a_given_peak
 
 
 def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
@@ -32,7 +32,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def _start_torchrun(processes: int, overrides: list[str]) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "bloomtrain.train",
-               *overrides]
+               *with_a_given_peak(overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -99,7 +99,7 @@ def test_stop_signal_saves_and_exits_75(signum, tmp_path, sample_cache):
 def test_launcher_passes_the_stop_on_and_exits_75(tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "bloomtrain.launch", "launch.processes=2",
-               *_overrides(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0")]
+               *with_a_given_peak(_overrides(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0"))]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(lambda: len(_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False)
     process.send_signal(signal.SIGUSR1)  # only the launcher: it must reach the ranks through torchrun

@@ -17,7 +17,7 @@ from bloomtrain.config_loader import load_config
 from bloomtrain.launch import process_count
 from bloomtrain.metrics import read_metrics
 from bloomtrain.slurm import job_script
-from tests.conftest import REPO, no_eval_unless_asked, run_torchrun
+from tests.conftest import REPO, no_eval_unless_asked, run_torchrun, with_a_given_peak
 
 STEPS = 40
 
@@ -25,7 +25,7 @@ STEPS = 40
 def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
             "optimizer.warmup_steps=2", "logging.wandb.mode=disabled", f"train.max_steps={STEPS}",
-            "checkpoint.interval=0", "parallel.data=2", *no_eval_unless_asked(extra), *extra]
+            "checkpoint.interval=0", "parallel.data=2", *no_eval_unless_asked(extra), *with_a_given_peak(extra)]
 
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
