@@ -8,6 +8,7 @@ tree into these objects. A user error raises :class:`ConfigError` naming the key
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 
@@ -272,8 +273,15 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     name: str = "bloomtrain"
+    """A plain name (letters, digits, ``.``, ``_``, ``-``): the default run directory, W&B's and SLURM's job name."""
     dir: str = "runs/${run.name}"
     """The run directory: config.yaml, metrics.jsonl, checkpoints/, wandb/."""
+
+    def __post_init__(self) -> None:
+        # A name is not a path: "../x" would put the default run directory elsewhere, and it reaches a job script.
+        require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", self.name) is not None,
+                f"run.name={self.name!r} must be a plain name (letters, digits, '.', '_', '-'); "
+                "set run.dir for a directory elsewhere")
 
 
 @dataclass

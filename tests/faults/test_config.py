@@ -52,6 +52,7 @@ BAD_VALUES = {
     "launch.processes": ["0"],
     "launch.stop_grace_seconds": ["0"],
     "launcher": ["kubernetes"],
+    "run.name": ["../../etc", "a/b", "''", "'x; rm -rf ~'"],
     "train.no_such_key": ["1"],
     "no_such_group.key": ["1"],
 }
