@@ -1,15 +1,12 @@
-"""Checkpoints: exact resume after SIGKILL, stops on SIGTERM/SIGUSR1, damaged checkpoints, new layouts,
-Hugging Face export from a parallel layout, and weights-only loading (CPU, gloo, bloom-tiny)."""
+"""Checkpoints: new layouts, Hugging Face export from a parallel layout, weights-only loading, pruning
+(CPU, gloo, bloom-tiny). Kills, stop signals and damaged checkpoints are in tests/faults/."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ import torch
 
 from bloomtrain.checkpoint import store
 from bloomtrain.metrics import read_metrics
-from tests.conftest import REPO, _free_port, no_eval_unless_asked, run_torchrun, run_train, with_a_given_peak
+from tests.conftest import REPO, no_eval_unless_asked, run_torchrun, run_train
 
 
 def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
@@ -27,143 +24,6 @@ def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 
 def _losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
-
-
-def _start_torchrun(processes: int, overrides: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "bloomtrain.train",
-               *with_a_given_peak(overrides)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def _wait_for(condition, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
-def _latest_step(run_dir: Path) -> int:
-    pointer = run_dir / "checkpoints" / "latest"
-    return int(pointer.read_text().split("_")[1]) if pointer.exists() else -1
-
-
-@pytest.mark.multiprocess
-def test_sigkill_then_restart_resumes_exactly(tmp_path, sample_cache):
-    steps = 16
-    common = ["train.max_steps=16", "checkpoint.interval=4", "checkpoint.keep=0"]
-    reference = tmp_path / "uninterrupted"
-    run_torchrun(2, _overrides(reference, sample_cache, *common))
-
-    run_dir = tmp_path / "killed"
-    process = _start_torchrun(2, _overrides(run_dir, sample_cache, *common))
-    _wait_for(lambda: _latest_step(run_dir) >= 4 or process.poll() is not None)
-    # torchrun and both ranks (torchrun gives them sessions of their own), mid-step, no chance to save.
-    subprocess.run(["pkill", "-KILL", "-f", f"run.dir={run_dir}"], check=True)
-    process.wait()
-    killed_at = _latest_step(run_dir)
-    assert 4 <= killed_at < steps, f"the run was not killed mid-way (latest checkpoint step {killed_at})"
-
-    result = run_torchrun(2, _overrides(run_dir, sample_cache, *common))
-    assert f"step_{killed_at}" in result.stderr and "resumed from" in result.stderr
-    want, got = read_metrics(reference), read_metrics(run_dir)
-    assert [m["step"] for m in got] == list(range(1, steps + 1))
-    for resumed, uninterrupted in zip(got[killed_at:], want[killed_at:], strict=True):
-        assert resumed["loss"] == pytest.approx(uninterrupted["loss"], rel=1e-6, abs=0), resumed["step"]
-        assert resumed["consumed_samples"] == uninterrupted["consumed_samples"]
-        assert resumed["lr"] == pytest.approx(uninterrupted["lr"], rel=1e-9)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT],
-                         ids=["SIGTERM", "SIGUSR1", "SIGINT"])
-def test_stop_signal_saves_and_exits_75(signum, tmp_path, sample_cache):
-    run_dir = tmp_path / "run"
-    process = _start_torchrun(2, _overrides(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0"))
-    _wait_for(lambda: len(_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False)
-    # As SLURM does: every process of the job step gets the signal (torchrun also passes it on).
-    subprocess.run(["pkill", f"-{signal.Signals(signum).name.removeprefix('SIG')}", "-f", f"run.dir={run_dir}"],
-                   check=True)
-    output, _ = process.communicate(timeout=300)
-    last_step = max(_losses(run_dir))
-    assert "checkpoint saved, exiting with status 75" in output
-    assert _latest_step(run_dir) == last_step < 300
-    assert json.loads((run_dir / "stopped.json").read_text())["step"] == last_step
-    assert not store.manifest_problems(run_dir / "checkpoints" / f"step_{last_step}")
-
-
-@pytest.mark.multiprocess
-def test_launcher_passes_the_stop_on_and_exits_75(tmp_path, sample_cache):
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "bloomtrain.launch", "launch.processes=2",
-               *with_a_given_peak(_overrides(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0"))]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: len(_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False)
-    process.send_signal(signal.SIGUSR1)  # only the launcher: it must reach the ranks through torchrun
-    process.communicate(timeout=300)
-    assert process.returncode == 75
-    assert _latest_step(run_dir) == max(_losses(run_dir))
-
-
-@pytest.mark.slow
-def test_exit_duration_budget_stops_with_a_checkpoint(tmp_path, sample_cache):
-    run_dir = tmp_path / "run"
-    result = run_train(_overrides(run_dir, sample_cache, "train.max_steps=300", "train.exit_duration_minutes=0.001"),
-                       check=False)
-    assert result.returncode == 75, result.stderr[-2000:]
-    assert "train.exit_duration_minutes=0.001 reached" in result.stdout
-    assert _latest_step(run_dir) == 1
-
-
-@pytest.mark.slow
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, sample_cache):
-    run_dir = tmp_path / "run"
-    run_train(_overrides(run_dir, sample_cache, "train.max_steps=4", "checkpoint.interval=2",
-                         "optimizer.decay_steps=8"))
-    newest = run_dir / "checkpoints" / "step_4"
-    damaged = newest / "mp_rank_00_model_states.pt"
-    damaged.write_bytes(damaged.read_bytes()[:100])  # a save cut short
-    (run_dir / "checkpoints" / "step_6.tmp").mkdir()  # a save that never finished is never considered
-
-    result = run_train(_overrides(run_dir, sample_cache, "train.max_steps=6", "checkpoint.interval=2",
-                                  "optimizer.decay_steps=8"))
-    warning = [line for line in result.stdout.splitlines() if "incomplete or damaged" in line]
-    assert len(warning) == 1 and "step_4" in warning[0] and "mp_rank_00_model_states.pt" in warning[0]
-    assert "step_2 at step 2" in result.stderr
-    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
-
-
-@pytest.mark.slow
-def test_nothing_is_unpickled_from_a_checkpoint(tmp_path, sample_cache):
-    run_dir = tmp_path / "run"
-    run_train(_overrides(run_dir, sample_cache, "train.max_steps=2", "optimizer.decay_steps=4"))
-    checkpoint = run_dir / "checkpoints" / "step_2"
-    states = checkpoint / "mp_rank_00_model_states.pt"
-    planted = tmp_path / "code-ran"
-    state = torch.load(states, weights_only=False)
-    state["payload"] = _Payload(str(planted))
-    torch.save(state, states)
-    manifest = json.loads((checkpoint / store.MANIFEST_FILE).read_text())
-    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": store.file_digest(states)}
-    (checkpoint / store.MANIFEST_FILE).write_text(json.dumps(manifest))
-
-    result = run_train(_overrides(run_dir, sample_cache, "train.max_steps=4", "optimizer.decay_steps=4"),
-                       check=False)
-    assert result.returncode == 2
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("bloomtrain: checkpoint error:") and "does not unpickle" in error
-    assert not planted.exists()
-
-
-class _Payload:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
 
 
 # ------------------------------------------------------------------------------------------ new layouts
@@ -224,20 +84,6 @@ def test_hf_export_from_a_tensor_and_pipeline_parallel_run(tmp_path, sample_cach
 
 
 # ------------------------------------------------------------------------------------ the on-disk format
-
-def test_manifest_catches_truncation_and_corruption(tmp_path):
-    directory = tmp_path / "step_1"
-    directory.mkdir()
-    (directory / "a.pt").write_bytes(b"x" * 1000)
-    (directory / "b.pt").write_bytes(b"y" * 10)
-    store.write_manifest(directory, {name: store.file_digest(directory / name) for name in store.list_files(directory)})
-    assert store.manifest_problems(directory) == []
-    (directory / "b.pt").write_bytes(b"z" * 10)
-    assert store.manifest_problems(directory) == ["b.pt does not match its checksum"]
-    (directory / "a.pt").write_bytes(b"x" * 10)
-    assert "a.pt has 10 bytes, the manifest says 1000" in store.manifest_problems(directory)
-    (directory / "a.pt").unlink()
-    assert "a.pt is missing" in store.manifest_problems(directory)
 
 
 def test_prune_keeps_the_newest_and_every_nth(tmp_path):

@@ -27,23 +27,6 @@ def _write_jsonl(path, lines, opener=open):
         handle.write("\n".join(lines) + "\n")
 
 
-def test_reader_counts_every_kind_of_bad_input(tmp_path):
-    path = tmp_path / "mixed.jsonl"
-    lines = [json.dumps({"id": "a", "text": "good"}), "{not json", json.dumps({"id": "b"}),
-             json.dumps({"id": "c", "text": 42}), json.dumps({"id": "d", "text": "   "}),
-             json.dumps({"id": "e", "text": "x" * 50}), json.dumps(["a list"]), json.dumps({"text": "no id"}),
-             json.dumps({"id": "f", "text": "lone \ud800 surrogate"})]
-    _write_jsonl(path, lines)
-    with open(path, "ab") as handle:
-        handle.write(b'{"id": "g", "text": "\xff\xfe bad bytes"}\n')
-    reader = DocumentReader(max_bytes=40)
-    documents = list(reader.read(path))
-    assert [d.id for d in documents] == ["a", "mixed.jsonl:8"]
-    dropped = {reason: sum(by_lang.values()) for reason, by_lang in reader.stats.dropped.items()}
-    assert dropped == {"malformed_json": 2, "missing_text": 1, "non_string_text": 1, "empty": 1, "oversized": 1,
-                       "invalid_utf8": 2}
-
-
 @pytest.mark.parametrize("suffix", ["jsonl.gz", "jsonl.zst", "parquet", "txt"])
 def test_reader_formats(tmp_path, suffix):
     path = tmp_path / f"data.{suffix}"

@@ -1,6 +1,6 @@
-"""The data pipeline on damaged input: a truncated gzip, a truncated or corrupt zstd file, a damaged
-Parquet file keep what was read before the damage and count the rest as ``corrupt_file``; a directory
-or an empty glob as input stops in one line before any work."""
+"""The data pipeline on damaged input: every kind of bad record counted by reason; a truncated gzip, a
+truncated or corrupt zstd file, a damaged Parquet file keep what was read before the damage and count the
+rest as ``corrupt_file``; a directory or an empty glob as input stops in one line before any work."""
 
 from __future__ import annotations
 
@@ -45,6 +45,23 @@ def _damaged(tmp_path: Path, kind: str) -> Path:
         raw[len(raw) // 3:len(raw) // 3 + 2000] = bytes(2000)
     path.write_bytes(bytes(raw))
     return path
+
+
+def test_reader_counts_every_kind_of_bad_input(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"id": "a", "text": "good"}), "{not json", json.dumps({"id": "b"}),
+             json.dumps({"id": "c", "text": 42}), json.dumps({"id": "d", "text": "   "}),
+             json.dumps({"id": "e", "text": "x" * 50}), json.dumps(["a list"]), json.dumps({"text": "no id"}),
+             json.dumps({"id": "f", "text": "lone \ud800 surrogate"})]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(path, "ab") as handle:
+        handle.write(b'{"id": "g", "text": "\xff\xfe bad bytes"}\n')
+    reader = DocumentReader(max_bytes=40)
+    documents = list(reader.read(path))
+    assert [d.id for d in documents] == ["a", "mixed.jsonl:8"]
+    dropped = {reason: sum(by_lang.values()) for reason, by_lang in reader.stats.dropped.items()}
+    assert dropped == {"malformed_json": 2, "missing_text": 1, "non_string_text": 1, "empty": 1, "oversized": 1,
+                       "invalid_utf8": 2}
 
 
 @pytest.mark.parametrize("kind", ["gzip-truncated", "zstd-truncated", "zstd-corrupt", "parquet-damaged"])
