@@ -319,18 +319,6 @@ def test_a_failed_task_names_itself_and_on_slurm_cancels_the_later_stages(corpus
     assert done == {"clean", "dedup", "split"} and not (target / "tokens").exists()
 
 
-def test_a_stage_failure_is_one_line_naming_the_key_to_change(tmp_path):
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "part-0.jsonl").write_text("".join(json.dumps({"id": str(i), "body": f"Dokument {i} über Daten."}) + "\n"
-                                              for i in range(5)), encoding="utf-8")
-    result = _pipeline(raw, tmp_path / "out", check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("data_tools.pipeline: stage dedup, task 0 failed: no document was read")
-    assert "missing_text 5" in line and "input.text_field='text'" in line
-
-
 def test_bad_config_and_missing_input_stop_before_work(tmp_path):
     missing = _pipeline(tmp_path / "nowhere", tmp_path / "out", check=False)
     assert missing.returncode == 2 and "matches no file" in missing.stderr

@@ -91,3 +91,16 @@ def test_a_directory_or_an_empty_glob_is_one_line(tmp_path):
                              f"output.dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "is a directory" in result.stderr and len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_input_without_the_text_field_fails_in_one_line_naming_the_key(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "part-0.jsonl").write_text("".join(json.dumps({"id": str(i), "body": f"Dokument {i} über Daten."}) + "\n"
+                                              for i in range(5)), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "data_tools.pipeline", f"input.paths=[{raw}/part-*.jsonl]",
+                             f"output.dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("data_tools.pipeline: stage dedup, task 0 failed: no document was read")
+    assert "missing_text 5" in line and "input.text_field='text'" in line
