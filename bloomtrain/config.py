@@ -24,6 +24,7 @@ def require(condition: bool, message: str) -> None:
 PRECISIONS = ("fp32", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
+PLANNED_GPUS = ("A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB", "V100-32GB")  # bloomtrain/plan.py's table
 
 
 @dataclass
@@ -336,6 +337,18 @@ class LaunchConfig:
     """Print the plan and the command, start nothing."""
     stop_grace_seconds: int = 600
     """After SIGTERM/SIGUSR1, how long torchrun lets the ranks finish their step and save before killing them."""
+    gpu: str = "A100-80GB"
+    """The GPU the plan (dry run, run start, ``bloomtrain.plan``) sizes memory and time for: A100-40GB,
+    A100-80GB, H100-80GB, H200-141GB, V100-32GB (bloomtrain/plan.py)."""
+    gpu_memory_gb: float | None = None
+    """Usable GiB per GPU for the plan; null: the GPU's."""
+    assumed_mfu: float = 0.4
+    """The fraction of the GPU's peak the plan's step time and days assume for a step's FLOPs (its MFU
+    without activation checkpointing; recomputation adds a third of the work at the same rate).
+    BLOOM-176B ran at about 0.48 of the A100's peak, recomputation counted."""
+    suggest: bool = False
+    """``python -m bloomtrain.plan launch.suggest=true``: rank the layouts that fit instead of planning one."""
+    suggest_top: int = 5
     hang_warning_minutes: float = 5.0
     """Warn when a rank has not finished a step for this long while another has (its heartbeat file in
     RUN_DIR/heartbeats); 0 = never. The ranks themselves give up at distributed.timeout_minutes."""
@@ -349,6 +362,11 @@ class LaunchConfig:
                 f"launch.rendezvous={self.rendezvous!r} must be HOST:PORT")
         require(self.stop_grace_seconds >= 1, "launch.stop_grace_seconds must be >= 1")
         require(self.hang_warning_minutes >= 0, "launch.hang_warning_minutes must be >= 0 (0 = never)")
+        require(self.gpu in PLANNED_GPUS, f"launch.gpu={self.gpu!r} is not one of {', '.join(PLANNED_GPUS)}; "
+                "pick the closest and set launch.gpu_memory_gb")
+        require(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "launch.gpu_memory_gb must be positive or null")
+        require(0 < self.assumed_mfu <= 1, f"launch.assumed_mfu must lie in (0, 1], got {self.assumed_mfu}")
+        require(self.suggest_top >= 1, "launch.suggest_top must be >= 1")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Reads the same config as ``bloomtrain.train``, works out how many processes the layout needs
 (tensor x pipeline x data; ``parallel.data=auto`` fills the visible GPUs, or is 1 on a CPU machine,
 unless ``launch.processes`` says otherwise) and starts them with torchrun on this machine, every
-override passed on unchanged. ``launch.dry_run=true`` prints the plan and starts nothing.
+override passed on unchanged. ``launch.dry_run=true`` prints the plan (memory per GPU, tokens, steps
+and days, ``bloomtrain/plan.py``) and the command, and starts nothing.
 ``launcher=slurm`` instead writes and submits a SLURM job that runs this launcher on every node
 (``bloomtrain/slurm.py``); with ``launch.rendezvous=HOST:PORT`` the nodes' torchruns meet there.
 
@@ -163,6 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     plan = (f"{processes} processes = tensor {layout.tensor} x pipeline {layout.pipeline} x data {layout.data} "
             f"(ZeRO {layout.zero_stage}) on {launch.nodes} node{'s' if launch.nodes > 1 else ''}, "
             f"run directory {config.run.dir}")
+    if launch.dry_run:
+        from bloomtrain.plan import layout_of, plan_of
+
+        try:
+            estimate = plan_of(config, layout_of(config, layout.data))
+        except ConfigError as error:
+            print(f"bloomtrain.launch: config error: {error}", file=sys.stderr)
+            return 2
+        print(f"bloomtrain.launch: the plan (docs/planning.md):\n{estimate.table()}", flush=True)
+        if not estimate.fits:
+            print(f"bloomtrain.launch: warning: {estimate.memory.total / 2**30:.1f} GiB per GPU does not fit "
+                  f"launch.gpu={config.launch.gpu}; try python -m bloomtrain.plan launch.suggest=true with the "
+                  "same keys", file=sys.stderr, flush=True)
     if config.launcher == "slurm":
         return _submit_to_slurm(config, overrides, processes, plan)
     command = torchrun_command(processes, overrides, launch.stop_grace_seconds, launch.nodes, launch.rendezvous)

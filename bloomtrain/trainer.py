@@ -114,6 +114,7 @@ class Trainer:
             # Measured before W&B starts its service process, which would compete for the cores. Each
             # rank's peak is measured with the threads it has (on CPU the launcher splits the cores
             # between ranks); MFU divides the per-device FLOP/s by it, as on GPUs.
+            self._log_plan()
             peak = device_peak(context.device, DTYPES[train.precision], train.peak_tflops)
             logger.info("MFU's peak: %s", peak.source)
             self.meter = StepMeter(config.model, train, config.parallel.activation_checkpointing, peak,
@@ -201,6 +202,16 @@ class Trainer:
             self.metrics.close()
             self._print_summary()
         return status
+
+    def _log_plan(self) -> None:
+        from bloomtrain.plan import layout_of, plan_of
+
+        try:
+            table = plan_of(self.config, layout_of(self.config, self.layout.data)).table()
+        except ConfigError as error:
+            logger.warning("no plan: %s", error)
+            return
+        logger.info("the plan, sized for launch.gpu=%s (docs/planning.md):\n%s", self.config.launch.gpu, table)
 
     def _roll_back(self, loss: float, spikes: LossSpikes) -> int | None:
         """Collective: load the newest checkpoint into the running engine and read on from the data position

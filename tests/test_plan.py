@@ -1,0 +1,123 @@
+"""Planning: the published recipes compose, validate and fit; the plan's numbers (parameters per GPU,
+bytes per parameter, tokens, steps) follow from the model's shapes; the 176B dry run under SLURM prints
+them; the suggester finds BigScience's layout among those that fit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bloomtrain.config_loader import load_config
+from bloomtrain.launch import process_count
+from bloomtrain.parallel.layout import resolve_layout
+from bloomtrain.plan import (
+    GIB,
+    Layout,
+    activation_bytes_per_layer,
+    blocks_per_stage,
+    layout_of,
+    plan_of,
+    stage_parameters,
+    state_bytes_per_parameter,
+    suggest,
+)
+from tests.conftest import REPO
+
+# Published layouts: (processes, tensor, pipeline, data), from the BigScience scripts the recipes cite.
+RECIPES = {"bloom-176b": (384, 4, 12, 8), "bloom-7b1": (128, 4, 4, 8), "bloom-1b7": (64, 1, 2, 32),
+           "bloom-560m": (32, 1, 1, 32)}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_composes_validates_and_fits(recipe):
+    config = load_config([f"experiment={recipe}"])
+    processes = process_count(config)
+    layout = resolve_layout(config, processes)
+    assert (processes, layout.tensor, layout.pipeline, layout.data) == RECIPES[recipe]
+    plan = plan_of(config, layout_of(config, layout.data))
+    assert plan.fits, plan.table()  # each of them trained on that hardware
+    assert plan.tokens_per_step == config.train.global_batch_size * 2048
+
+
+def test_a_recipe_on_too_few_processes_says_how_many_it_needs():
+    from bloomtrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="start a multiple of 48 processes"):
+        resolve_layout(load_config(["experiment=bloom-176b"]), 8)
+
+
+def test_parameters_per_gpu_follow_from_the_shapes():
+    model = load_config(["experiment=bloom-176b"]).model
+    h, t = model.hidden_size, 4
+    # One tensor rank's block: QKV and h->4h column-parallel (weights and biases split), the output and
+    # 4h->h row-parallel (weights split, biases whole), four LayerNorm vectors whole.
+    block = (3 * h * h + 3 * h) // t + (h * h) // t + h + (4 * h * h + 4 * h) // t + (4 * h * h) // t + h + 4 * h
+    blocks = blocks_per_stage(model.num_layers, 12)
+    assert blocks == [6] * 10 + [5] * 2 and sum(blocks) == 70  # DeepSpeed's balanced partition
+    held = stage_parameters(model, t, 12)
+    assert held[0] == 250880 * h // t + 2 * h + 6 * block  # embedding shard, its LayerNorm, six blocks
+    assert held[-1] == 250880 * h // t + 2 * h + 5 * block  # the tied embedding again, the final LayerNorm
+    assert held[5] == 6 * block
+    assert sum(stage_parameters(model, 1, 1)) == pytest.approx(176.25e9, rel=1e-3)
+
+
+def test_the_gpu_table_is_the_one_the_config_accepts():
+    from bloomtrain.config import PLANNED_GPUS, ConfigError
+    from bloomtrain.plan import GPUS
+
+    assert set(GPUS) == set(PLANNED_GPUS)
+    with pytest.raises(ConfigError, match="launch.gpu='B200' is not one of"):
+        load_config(["launch.gpu=B200"])
+
+
+def test_bytes_per_parameter_by_precision_and_zero_stage():
+    assert state_bytes_per_parameter("fp32", 0, 8) == (4, 4, 8)  # Adam's two moments
+    assert state_bytes_per_parameter("bf16", 0, 8) == (2, 2, 16)  # + fp32 master weights and gradients
+    assert state_bytes_per_parameter("bf16", 1, 8) == (2, 2, 2)
+    assert state_bytes_per_parameter("bf16", 2, 8) == (2, 0.25, 2)
+    assert state_bytes_per_parameter("bf16", 3, 8) == (0.25, 0.25, 2)
+    model = load_config(["model=bloom-176b"]).model
+    full = activation_bytes_per_layer(model, 2048, 2, 4, "bf16", False, False)
+    assert full == 2048 * 2 * 14336 * (8 + 24 / 4 + 2 * 112 * 2048 / (14336 * 4))
+    assert activation_bytes_per_layer(model, 2048, 2, 4, "bf16", False, True) < full
+    assert activation_bytes_per_layer(model, 2048, 2, 4, "bf16", True, False) == 2 * 2048 * 2 * 14336
+
+
+def test_the_176b_dry_run_under_slurm_prints_the_plan():
+    result = subprocess.run([sys.executable, "-m", "bloomtrain.launch", "experiment=bloom-176b",
+                             "launch.dry_run=true"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "384 processes = tensor 4 x pipeline 12 x data 8 (ZeRO 1) on 48 nodes" in out
+    assert "#SBATCH --nodes=48" in out and "#SBATCH --gpus-per-node=8" in out
+    config = load_config(["experiment=bloom-176b"])
+    plan = plan_of(config, Layout(4, 12, 8, 2, 1, True))
+    assert f"memory per GPU    : {plan.memory.total / GIB:,.1f} GiB of 80 GiB (A100-80GB)" in out
+    assert f"  parameters      : {stage_parameters(config.model, 4, 12)[0] * 2 / GIB:,.2f} GiB" in out
+    assert "12 micro-batches in flight" in out and "tokens per step   : 4,194,304" in out
+    assert "87,261 steps" in out and "DOES NOT FIT" not in out
+
+
+def test_a_layout_that_does_not_fit_is_flagged():
+    result = subprocess.run([sys.executable, "-m", "bloomtrain.launch", "experiment=bloom-176b", "launch.nodes=1",
+                             "parallel.pipeline=2", "parallel.tensor=4", "launch.dry_run=true"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "DOES NOT FIT" in result.stdout
+    assert "does not fit launch.gpu=A100-80GB; try python -m bloomtrain.plan launch.suggest=true" in result.stderr
+
+
+def test_the_suggester_finds_bigscience_layout_and_explains_its_choice():
+    config = load_config(["experiment=bloom-176b"])
+    plans, considered = suggest(config, top=0)
+    assert considered > 100 and all(plan.fits for plan in plans)
+    assert any((p.layout.tensor, p.layout.pipeline, p.layout.data) == (4, 12, 8) for p in plans)
+    assert all(p.layout.tensor <= 8 for p in plans)  # tensor parallelism stays within a node
+    times = [plan.step.total for plan in plans]
+    assert times[0] <= min(times) * 1.001
+    result = subprocess.run([sys.executable, "-m", "bloomtrain.plan", "experiment=bloom-176b", "launch.suggest=true"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{len(plans)} of {considered} layouts of 384 x A100-80GB fit bloom-176b" in result.stdout
+    assert f"why {plans[0].layout.describe()}:" in result.stdout and "optimizer state" in result.stdout
