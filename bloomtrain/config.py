@@ -115,6 +115,10 @@ class TrainConfig:
     """Sequences per forward/backward on one data-parallel rank."""
     global_batch_size: int = 16
     """Sequences per optimizer step, over all data-parallel ranks (gradient accumulation makes up the rest)."""
+    rampup_batch_size: list[int] | None = None
+    """[start, increment, samples], BLOOM's (and Megatron's) ramp-up: the global batch starts at ``start``
+    and grows by ``increment`` at even intervals of consumed samples until ``global_batch_size`` after
+    ``samples``; the LR schedule then runs on samples. null: the full batch from the first step."""
     seq_length: int = 128
     seed: int = 1234
     precision: str = "fp32"
@@ -147,6 +151,17 @@ class TrainConfig:
             require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
         require(self.exit_duration_minutes >= 0, "train.exit_duration_minutes must be >= 0 (0 = no budget)")
         require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        if self.rampup_batch_size is not None:
+            ramp = list(self.rampup_batch_size)
+            require(len(ramp) == 3 and all(isinstance(v, int) for v in ramp),
+                    f"train.rampup_batch_size={ramp} must be [start, increment, samples], e.g. [192, 16, 9765625]")
+            start, increment, samples = ramp
+            require(0 < start <= self.global_batch_size and increment > 0 and samples >= 0,
+                    f"train.rampup_batch_size={ramp}: start must lie in (0, train.global_batch_size="
+                    f"{self.global_batch_size}], the increment be positive and the samples >= 0")
+            require((self.global_batch_size - start) % increment == 0,
+                    f"train.rampup_batch_size={ramp}: train.global_batch_size={self.global_batch_size} - {start} "
+                    f"is not a multiple of the increment {increment}")
         require(self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
         require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
                 f"train.loss_spike_factor must be 0 (off) or above 1, got {self.loss_spike_factor}")

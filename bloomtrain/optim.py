@@ -34,16 +34,18 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, precision: str,
     return AdamWWithGlobalClipping(parameter_groups(model), config.grad_clip, **adam)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig,
-                    max_steps: int) -> OptimizerParamScheduler:
-    """megatron-core's scheduler; call ``step(1)`` before each optimizer step so step k uses lr(k)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimizerConfig, max_steps: int,
+                    global_batch_size: int) -> OptimizerParamScheduler:
+    """megatron-core's scheduler, counting samples as Megatron does with a batch ramp-up: warm-up and decay
+    last ``warmup_steps`` and ``decay_steps`` full global batches. Call ``step(batch)`` before each optimizer
+    step so step k uses lr(k); with a constant batch the LR of every step is what a count of steps gives."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=config.lr,
         min_lr=config.min_lr,
-        lr_warmup_steps=config.warmup_steps,
-        lr_decay_steps=config.decay_steps or max_steps,
+        lr_warmup_steps=config.warmup_steps * global_batch_size,
+        lr_decay_steps=(config.decay_steps or max_steps) * global_batch_size,
         lr_decay_style=config.decay_style,
         start_wd=config.weight_decay,
         end_wd=config.weight_decay,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -241,16 +242,24 @@ class Plan:
     gpu_memory_bytes: float
     step: StepTime
     steps: int
-    tokens_per_step: int
+    samples: int  # over all the steps, ramp-up included
+    tokens_per_step: int  # of a full step
     mfu: float
 
     @property
     def fits(self) -> bool:
         return self.memory.total <= self.gpu_memory_bytes
 
+    global_batch_size: int
+
     @property
     def days(self) -> float:
-        return self.steps * self.step.total / 86400
+        """A ramp-up step costs its share of a full one."""
+        return self.samples / self.global_batch_size * self.step.total / 86400
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.tokens_per_step // self.global_batch_size
 
     def table(self) -> str:
         m, g = self.memory, GIB
@@ -267,7 +276,7 @@ class Plan:
             ("step time", f"{self.step.total:,.2f} s at {self.mfu:.0%} MFU (compute {self.step.compute_s:.2f}, "
                           f"bubble {self.step.bubble_s:.2f}, data-parallel {self.step.data_parallel_s:.2f}, "
                           f"tensor-parallel {self.step.tensor_parallel_s:.2f})"),
-            ("steps and days", f"{self.steps:,} steps, {self.days:,.1f} days"),
+            ("steps and days", f"{self.steps:,} steps, {self.tokens / 1e9:,.1f}B tokens, {self.days:,.1f} days"),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}} : {value}" for name, value in rows)
@@ -289,7 +298,21 @@ def plan_of(config: BloomTrainConfig, layout: Layout) -> Plan:
                                         train.global_batch_size), name, memory,
                 estimate_step_time(config.model, layout, train.precision, train.seq_length, train.global_batch_size,
                                    gpu, launch.assumed_mfu, gpus_per_node),
-                train.max_steps, train.global_batch_size * train.seq_length, launch.assumed_mfu)
+                train.max_steps, run_samples(train.global_batch_size, _ramp(config), train.max_steps),
+                train.global_batch_size * train.seq_length, launch.assumed_mfu, train.global_batch_size)
+
+
+def _ramp(config: BloomTrainConfig) -> tuple[int, int, int] | None:
+    ramp = config.train.rampup_batch_size
+    return tuple(ramp) if ramp else None
+
+
+@cache
+def run_samples(global_batch_size: int, ramp: tuple[int, int, int] | None, steps: int) -> int:
+    """Samples ``steps`` steps consume, ramp-up included (the schedule the trainer follows)."""
+    from bloomtrain.data.loader import BatchLayout
+
+    return BatchLayout(1, global_batch_size, rampup=ramp).samples_for(steps)
 
 
 def layout_of(config: BloomTrainConfig, data: int) -> Layout:
@@ -304,7 +327,7 @@ def candidate_layouts(config: BloomTrainConfig, world_size: int, gpus_per_node: 
     """Every layout of ``world_size`` GPUs worth considering: tensor within a node (a power of two dividing
     the heads), pipeline stages of at least two blocks, micro-batches that divide the batch, ZeRO 0-1
     with pipelines (DeepSpeed's limit) and 0-3 without, activation checkpointing off or on."""
-    model, batch = config.model, config.train.global_batch_size
+    model, batch, ramp = config.model, config.train.global_batch_size, _ramp(config)
     layouts = []
     for tensor in (t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node and model.num_attention_heads % t == 0):
         for pipeline in range(1, model.num_layers // 2 + 1):
@@ -312,7 +335,7 @@ def candidate_layouts(config: BloomTrainConfig, world_size: int, gpus_per_node: 
                 continue
             data = world_size // (tensor * pipeline)
             for micro in (1, 2, 4, 8):
-                if batch % (micro * data):
+                if batch % (micro * data) or (ramp and (ramp[0] % (micro * data) or ramp[1] % (micro * data))):
                     continue
                 for zero in ((0, 1) if pipeline > 1 else (0, 1, 2, 3)):
                     for recompute in (False, True):
@@ -336,6 +359,7 @@ def suggest(config: BloomTrainConfig, top: int = 5) -> tuple[list[Plan], int]:
 def main(argv: list[str] | None = None) -> int:
     from bloomtrain.config_loader import load_config
 
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     try:
         config = load_config(list(sys.argv[1:] if argv is None else argv))
         if config.launch.suggest:

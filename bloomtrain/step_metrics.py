@@ -1,6 +1,7 @@
 """The metrics of one optimizer step, as metrics.jsonl, W&B and TensorBoard receive them (rank 0).
 
     loss, lr, grad_norm, param_norm      the step's mean loss; gradient and parameter norms (each parameter once)
+    global_batch_size                    the step's samples (smaller during a ramp-up)
     tokens_per_s, samples_per_s          the global batch over the step's wall time
     tflops, mfu, hfu                     per-device TFLOP/s of model FLOPs; MFU and HFU against the peak
                                          (``flops.py``; HFU counts recomputation under activation checkpointing)
@@ -52,19 +53,20 @@ class StepMeter:
                                                                                            strict=True) if count}
 
     def metrics(self, *, loss: float, lr: float, grad_norm: float | None, param_norm: float | None,
-                loss_scale: float | None, skipped_steps: int | None, nonfinite_steps: int, elapsed: float,
-                data_wait: float,
+                loss_scale: float | None, skipped_steps: int | None, nonfinite_steps: int, batch_size: int,
+                elapsed: float, data_wait: float,
                 optimizer_s: float | None, consumed_samples: int, consumed_tokens: int,
                 tokens_by_language: dict[str, int], device: torch.device) -> dict[str, Any]:
         train = self.train
-        per_device = self.model_flops / elapsed / self.world_size
+        share = batch_size / train.global_batch_size  # of a full step's FLOPs (a ramp-up step is smaller)
+        per_device = share * self.model_flops / elapsed / self.world_size
         return {
-            "loss": loss, "lr": lr, "grad_norm": grad_norm, "param_norm": param_norm,
-            "tokens_per_s": train.global_batch_size * train.seq_length / elapsed,
-            "samples_per_s": train.global_batch_size / elapsed,
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "param_norm": param_norm, "global_batch_size": batch_size,
+            "tokens_per_s": batch_size * train.seq_length / elapsed,
+            "samples_per_s": batch_size / elapsed,
             "tflops": per_device / 1e12,
             "mfu": per_device / self.peak.flops,
-            "hfu": self.hardware_flops / elapsed / self.world_size / self.peak.flops,
+            "hfu": share * self.hardware_flops / elapsed / self.world_size / self.peak.flops,
             "loss_scale": loss_scale, "skipped_steps": skipped_steps, "nonfinite_steps": nonfinite_steps,
             "data_wait_s": data_wait, "compute_s": elapsed - data_wait, "optimizer_s": optimizer_s,
             "peak_memory_gb": peak_memory_gb(device),

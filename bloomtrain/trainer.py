@@ -69,7 +69,8 @@ def build_engine(config: BloomTrainConfig, layout: ParallelLayout, device: torch
                                  config.parallel.activation_checkpointing, resume.initial_weights())
     optimizer = build_optimizer(model, config.optimizer, config.train.precision, layout.zero_stage)
     engine = TrainingEngine(model, optimizer, config.train, config.optimizer.grad_clip, layout, resume.universal)
-    return engine, build_scheduler(engine.optimizer, config.optimizer, config.train.max_steps)
+    return engine, build_scheduler(engine.optimizer, config.optimizer, config.train.max_steps,
+                                   config.train.global_batch_size)
 
 
 class Trainer:
@@ -101,10 +102,12 @@ class Trainer:
         self.progress = self.checkpoints.restore(resume, self.engine.engine, self.scheduler)
 
         self.batch_layout = BatchLayout(train.micro_batch_size, train.global_batch_size, layout.data,
-                                        parallel_state.get_data_parallel_rank())
+                                        parallel_state.get_data_parallel_rank(),
+                                        tuple(train.rampup_batch_size) if train.rampup_batch_size else None)
+        self.run_samples = self.batch_layout.samples_for(train.max_steps)
         # Room for the samples loss-spike rollbacks pass over (at most a checkpoint interval each).
         spare_steps = train.loss_spike_max_rollbacks * config.checkpoint.interval if train.loss_spike_factor else 0
-        self.total_samples = (train.max_steps + spare_steps) * train.global_batch_size
+        self.total_samples = self.run_samples + spare_steps * train.global_batch_size
         self.dataset = build_train_dataset(blend, self.tokenizer, train.seq_length, self.total_samples,
                                            train.seed, self.run_dir / "data_index")
         self.batches = self._batches_from(self.progress)
@@ -139,7 +142,10 @@ class Trainer:
             while progress.step < train.max_steps:
                 started = time.perf_counter()
                 self.activity = "in the training step"
-                self.scheduler.step(1)  # step k trains with lr(k)
+                batch = self.batch_layout.batch_at(progress.consumed_samples)
+                if batch != self.engine.engine.train_batch_size():  # a ramp-up step: fewer micro-batches
+                    self.engine.engine.set_train_batch_size(batch)
+                self.scheduler.step(batch)  # the schedule counts samples: step k trains with lr(k)
                 micro_batches = next(self.batches)
                 data_wait = time.perf_counter() - started
                 result = self.engine.train_step(micro_batches)
@@ -219,7 +225,7 @@ class Trainer:
         train, old = self.config.train, self.progress
         plan = self.checkpoints.plan_rollback()
         position = old.consumed_samples + old.skipped_samples
-        spare = self.total_samples - train.max_steps * train.global_batch_size
+        spare = self.total_samples - self.run_samples
         skipped = position - plan.meta.progress.consumed_samples if plan else 0
         why = (f"loss spike at step {old.step}: loss {loss:.4f} > {spikes.factor:g} x {max(spikes.recent):.4f} "
                f"(the highest of the last {len(spikes.recent)} steps, train.loss_spike_factor)")
@@ -275,21 +281,21 @@ class Trainer:
     def _log_step(self, result: StepResult, elapsed: float, data_wait: float, param_norm: float | None,
                   display: StepProgress) -> None:
         progress, train = self.progress, self.config.train
+        batch = self.batch_layout.batch_at(progress.consumed_samples)
         if self.metrics is not None:
-            step_tokens = self.meter.tokens_by_language(progress.consumed_samples + progress.skipped_samples,
-                                                        train.global_batch_size)
+            step_tokens = self.meter.tokens_by_language(progress.consumed_samples + progress.skipped_samples, batch)
             for language, count in step_tokens.items():
                 progress.tokens_by_language[language] = progress.tokens_by_language.get(language, 0) + count
         progress.step += 1
-        progress.consumed_samples += train.global_batch_size
-        progress.consumed_tokens += train.global_batch_size * train.seq_length
+        progress.consumed_samples += batch
+        progress.consumed_tokens += batch * train.seq_length
         if self.metrics is None:
             return
         metrics = self.meter.metrics(
             loss=result.loss, lr=self.engine.optimizer.param_groups[0]["lr"],
             grad_norm=result.grad_norm if is_finite(result.grad_norm) else None,
             param_norm=param_norm, loss_scale=self.engine.loss_scale(), skipped_steps=self.engine.skipped_steps(),
-            nonfinite_steps=progress.nonfinite_steps, elapsed=elapsed, data_wait=data_wait,
+            nonfinite_steps=progress.nonfinite_steps, batch_size=batch, elapsed=elapsed, data_wait=data_wait,
             optimizer_s=result.optimizer_s,
             consumed_samples=progress.consumed_samples, consumed_tokens=progress.consumed_tokens,
             tokens_by_language=progress.tokens_by_language, device=self.context.device)
@@ -308,7 +314,8 @@ class Trainer:
         datasets = build_validation_datasets(self.blend, self.tokenizer, train.seq_length,
                                              config.eval.iters * train.global_batch_size, train.seed,
                                              self.run_dir / "data_index")
-        return Validation(datasets, self.batch_layout, config.eval.iters, train.seq_length)
+        full_batches = dataclasses.replace(self.batch_layout, rampup=None)  # evaluation ignores the ramp-up
+        return Validation(datasets, full_batches, config.eval.iters, train.seq_length)
 
     def _evaluate_if_due(self) -> bool:
         """Evaluate every ``eval.interval`` steps and after the last; True once early stopping's patience is
@@ -331,9 +338,8 @@ class Trainer:
         return bool(patience) and progress.evals_without_improvement >= patience
 
     def _batches_from(self, progress: TrainingProgress):
-        position = progress.consumed_samples + progress.skipped_samples
-        return step_batches(self.dataset, self.batch_layout, position, self.total_samples,
-                            self.config.data.num_workers)
+        return step_batches(self.dataset, self.batch_layout, progress.consumed_samples, self.run_samples,
+                            self.config.data.num_workers, offset=progress.skipped_samples)
 
     def close(self) -> None:
         """End the data loader's workers and the heartbeat; safe to call more than once."""

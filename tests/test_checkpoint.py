@@ -202,3 +202,34 @@ def test_continued_pretraining_of_a_hugging_face_bloom_on_its_own_tokenizer(tmp_
     round_trip = transformers.AutoTokenizer.from_pretrained(exported)
     assert round_trip(english[0])["input_ids"] == hf_tokenizer(english[0])["input_ids"]
     assert store.read_meta(run_dir / "checkpoints" / "step_2").tokenizer == fingerprint
+
+
+# ------------------------------------------------------------------------------------ batch-size ramp-up
+
+@pytest.mark.multiprocess
+def test_a_resume_in_the_middle_of_a_ramp_up_continues_exactly(tmp_path, sample_cache):
+    # Data parallel 2, micro batch 4: the global batch is 8 for the first 40 samples, then 16.
+    ramp = ["train.micro_batch_size=4", "train.rampup_batch_size=[8,8,40]", "parallel.data=2",
+            "optimizer.decay_steps=8", "checkpoint.interval=4", "checkpoint.keep=0"]
+    reference = tmp_path / "uninterrupted"
+    run_torchrun(2, _overrides(reference, sample_cache, "train.max_steps=8", *ramp))
+    want = read_metrics(reference)
+    assert [m["global_batch_size"] for m in want] == [8, 8, 8, 8, 8, 16, 16, 16]
+    assert [m["consumed_samples"] for m in want] == [8, 16, 24, 32, 40, 56, 72, 88]
+
+    # The same ramp through DeepSpeed's pipeline engine (1F1B over two stages, one replica) trains the same
+    # curve: each step's micro-batches end exactly at its optimizer step in both engines.
+    ramp_pipeline = [item for item in ramp if item != "parallel.data=2"] + ["parallel.pipeline=2", "parallel.data=1"]
+    run_torchrun(2, _overrides(tmp_path / "pipeline", sample_cache, "train.max_steps=8", *ramp_pipeline))
+    for mine, theirs in zip(read_metrics(tmp_path / "pipeline"), want, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), mine["step"]
+
+    resumed = tmp_path / "resumed"
+    run_torchrun(2, _overrides(resumed, sample_cache, "train.max_steps=4", *ramp))  # stops inside the ramp
+    result = run_torchrun(2, _overrides(resumed, sample_cache, "train.max_steps=8", *ramp))
+    assert "resumed from" in result.stderr and "step_4" in result.stderr
+    got = read_metrics(resumed)
+    assert [m["step"] for m in got] == list(range(1, 9))
+    for mine, theirs in zip(got, want, strict=True):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6, abs=0), mine["step"]
+        assert (mine["lr"], mine["global_batch_size"]) == (theirs["lr"], theirs["global_batch_size"])

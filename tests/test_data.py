@@ -117,3 +117,32 @@ def test_resume_continues_the_sample_order():
     full = _indices(layout, 0, 24)
     assert _indices(layout, 8, 24) == full[4:]
     assert len(MicroBatchSampler(layout, 8, 24)) == 8
+
+
+def test_a_ramp_up_grows_the_batch_with_consumed_samples_as_megatron_does():
+    # BLOOM's ramp-up, [start, increment, samples]: 192 -> 2048 by 16 over 9,765,625 samples.
+    bloom = BatchLayout(2, 2048, data_parallel_size=8, rampup=(192, 16, 9_765_625))
+    per_increment = 9_765_625 / ((2048 - 192) // 16)
+    assert bloom.batch_at(0) == 192 and bloom.batch_at(int(per_increment) - 1) == 192
+    assert bloom.batch_at(int(per_increment) + 1) == 208 and bloom.batch_at(9_765_626) == 2048
+    assert bloom.micro_batches_at(0) == 192 // 16
+    layout = BatchLayout(2, 8, data_parallel_size=2, data_parallel_rank=1, rampup=(4, 4, 8))
+    assert [layout.batch_at(consumed) for consumed in (0, 4, 8, 12, 20)] == [4, 4, 8, 8, 8]
+    assert layout.samples_for(4) == 4 + 4 + 8 + 8
+    # Each rank reads its half of every step, whatever the step's size; a resume picks up the order.
+    assert _indices(layout, 0, 24) == [[2, 3], [6, 7], [12, 13], [14, 15], [20, 21], [22, 23]]
+    assert _indices(layout, 8, 24) == _indices(layout, 0, 24)[2:]
+    assert len(MicroBatchSampler(layout, 0, 24)) == 6
+
+
+def test_a_ramp_up_that_does_not_divide_into_micro_batches_is_one_line():
+    from bloomtrain.config import ConfigError
+    from bloomtrain.config_loader import load_config
+    from bloomtrain.parallel.layout import resolve_layout
+
+    config = load_config(["experiment=quickstart", "train.micro_batch_size=4", "train.rampup_batch_size=[8,4,40]"])
+    with pytest.raises(ConfigError, match=r"the start \(8\) and the increment \(4\) must be too"):
+        resolve_layout(config, 2)
+    with pytest.raises(ConfigError, match="is not a multiple of the increment 5"):
+        load_config(["experiment=quickstart", "train.rampup_batch_size=[8,5,40]"])
+    assert resolve_layout(config, 1).data == 1

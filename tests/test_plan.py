@@ -39,6 +39,7 @@ def test_every_recipe_composes_validates_and_fits(recipe):
     plan = plan_of(config, layout_of(config, layout.data))
     assert plan.fits, plan.table()  # each of them trained on that hardware
     assert plan.tokens_per_step == config.train.global_batch_size * 2048
+    assert plan.samples >= plan.steps * (config.train.rampup_batch_size or [config.train.global_batch_size])[0]
 
 
 def test_a_recipe_on_too_few_processes_says_how_many_it_needs():
@@ -97,7 +98,7 @@ def test_the_176b_dry_run_under_slurm_prints_the_plan():
     assert f"memory per GPU    : {plan.memory.total / GIB:,.1f} GiB of 80 GiB (A100-80GB)" in out
     assert f"  parameters      : {stage_parameters(config.model, 4, 12)[0] * 2 / GIB:,.2f} GiB" in out
     assert "12 micro-batches in flight" in out and "tokens per step   : 4,194,304" in out
-    assert "87,261 steps" in out and "DOES NOT FIT" not in out
+    assert "95,151 steps, 366.0B tokens" in out and "DOES NOT FIT" not in out  # 12,658 of them ramping up
 
 
 def test_a_layout_that_does_not_fit_is_flagged():
@@ -111,7 +112,7 @@ def test_a_layout_that_does_not_fit_is_flagged():
 def test_the_suggester_finds_bigscience_layout_and_explains_its_choice():
     config = load_config(["experiment=bloom-176b"])
     plans, considered = suggest(config, top=0)
-    assert considered > 100 and all(plan.fits for plan in plans)
+    assert considered > 50 and all(plan.fits for plan in plans)
     assert any((p.layout.tensor, p.layout.pipeline, p.layout.data) == (4, 12, 8) for p in plans)
     assert all(p.layout.tensor <= 8 for p in plans)  # tensor parallelism stays within a node
     times = [plan.step.total for plan in plans]

@@ -28,20 +28,56 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BatchLayout:
-    """How one optimizer step's samples are cut into micro-batches on this data-parallel rank."""
+    """How each optimizer step's samples are cut into micro-batches on this data-parallel rank.
+
+    With ``rampup`` ([start, increment, samples], BLOOM's ramp-up) a step's global batch depends on
+    the samples consumed before it, as megatron-core's ramp-up calculator computes it; otherwise it
+    is ``global_batch_size`` throughout."""
 
     micro_batch_size: int
     global_batch_size: int
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    rampup: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         per_step = self.micro_batch_size * self.data_parallel_size
         assert self.global_batch_size % per_step == 0, "validated at start-up"
+        self._ramp = None
+        if self.rampup is not None:
+            start, increment, samples = self.rampup
+            assert start % per_step == 0 and increment % per_step == 0, "validated at start-up"
+            if start < self.global_batch_size and samples > 0:
+                from megatron.core.num_microbatches_calculator import RampupBatchsizeNumMicroBatchesCalculator
+
+                self._ramp = RampupBatchsizeNumMicroBatchesCalculator(
+                    self.global_batch_size, self.micro_batch_size, self.data_parallel_size,
+                    decrease_batch_size_if_needed=False, rank=-1, start_global_batch_size=start,
+                    batch_size_increment=increment, ramup_samples=samples)
 
     @property
     def micro_batches_per_step(self) -> int:
+        """Micro-batches of a full (post ramp-up) step."""
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    def batch_at(self, consumed_samples: int) -> int:
+        """The global batch of the step that starts after ``consumed_samples``."""
+        if self._ramp is None:
+            return self.global_batch_size
+        self._ramp.update(consumed_samples, consistency_check=False)
+        return self._ramp.current_global_batch_size
+
+    def micro_batches_at(self, consumed_samples: int) -> int:
+        return self.batch_at(consumed_samples) // (self.micro_batch_size * self.data_parallel_size)
+
+    def samples_for(self, steps: int) -> int:
+        """Samples the first ``steps`` steps consume."""
+        if self._ramp is None:
+            return steps * self.global_batch_size
+        consumed = 0
+        for _ in range(steps):
+            consumed += self.batch_at(consumed)
+        return consumed
 
 
 def load_tokenizer(path: str):
@@ -88,25 +124,35 @@ def _gpt_dataset(prefixes: list[str], weights: list[float] | None, split: int, t
 
 
 class MicroBatchSampler(Sampler[list[int]]):
-    """Yields this rank's micro-batches of sample indices, step after step, from ``consumed_samples``."""
+    """Yields this rank's micro-batches of sample indices, step after step, from ``consumed_samples`` to
+    ``end_samples`` (counted in consumed samples); the indices read are ``offset`` further on (the samples
+    a loss-spike rollback passed over)."""
 
-    def __init__(self, layout: BatchLayout, consumed_samples: int, total_samples: int) -> None:
+    def __init__(self, layout: BatchLayout, consumed_samples: int, end_samples: int, offset: int = 0) -> None:
         self.layout = layout
         self.consumed_samples = consumed_samples
-        self.total_samples = total_samples
+        self.end_samples = end_samples
+        self.offset = offset
+
+    def _steps(self) -> Iterator[tuple[int, int]]:
+        start = self.consumed_samples
+        while start < self.end_samples:
+            batch = self.layout.batch_at(start)
+            yield start, batch
+            start += batch
 
     def __iter__(self) -> Iterator[list[int]]:
         layout = self.layout
-        per_rank = layout.global_batch_size // layout.data_parallel_size
-        for step_start in range(self.consumed_samples, self.total_samples, layout.global_batch_size):
-            rank_start = step_start + layout.data_parallel_rank * per_rank
-            for micro in range(layout.micro_batches_per_step):
+        for step_start, batch in self._steps():
+            per_rank = batch // layout.data_parallel_size
+            rank_start = self.offset + step_start + layout.data_parallel_rank * per_rank
+            for micro in range(per_rank // layout.micro_batch_size):
                 first = rank_start + micro * layout.micro_batch_size
                 yield list(range(first, first + layout.micro_batch_size))
 
     def __len__(self) -> int:
-        steps = (self.total_samples - self.consumed_samples) // self.layout.global_batch_size
-        return steps * self.layout.micro_batches_per_step
+        per_micro = self.layout.micro_batch_size * self.layout.data_parallel_size
+        return sum(batch // per_micro for _, batch in self._steps())
 
 
 def _leave_stop_signals_to_the_trainer(_: int) -> None:
@@ -123,9 +169,10 @@ class StepBatches:
     above), and runs at exit too: Python's own exit would SIGTERM them and wait forever.
     """
 
-    def __init__(self, loader: DataLoader, micro_batches_per_step: int) -> None:
+    def __init__(self, loader: DataLoader, layout: BatchLayout, consumed_samples: int) -> None:
         self._batches = iter(loader)
-        self._per_step = micro_batches_per_step
+        self._layout = layout
+        self._position = consumed_samples  # where the next step starts, as the sampler counts
         if loader.num_workers:
             atexit.register(self.close)
 
@@ -134,9 +181,10 @@ class StepBatches:
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         micro_batches = []
-        for _ in range(self._per_step):
+        for _ in range(self._layout.micro_batches_at(self._position)):
             batch = next(self._batches)
             micro_batches.append({"tokens": batch["tokens"], "labels": batch["labels"]})
+        self._position += self._layout.batch_at(self._position)
         return micro_batches
 
     def close(self) -> None:
@@ -152,15 +200,16 @@ class StepBatches:
         atexit.unregister(self.close)
 
 
-def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, total_samples: int,
-                 num_workers: int) -> StepBatches:
-    """This rank's micro-batches, one list per optimizer step, from ``consumed_samples`` on."""
+def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, end_samples: int,
+                 num_workers: int, offset: int = 0) -> StepBatches:
+    """This rank's micro-batches, one list per optimizer step, from ``consumed_samples`` to ``end_samples``,
+    reading ``offset`` samples further on."""
     loader = DataLoader(
         dataset,
-        batch_sampler=MicroBatchSampler(layout, consumed_samples, total_samples),
+        batch_sampler=MicroBatchSampler(layout, consumed_samples, end_samples, offset),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
-    return StepBatches(loader, layout.micro_batches_per_step)
+    return StepBatches(loader, layout, consumed_samples)

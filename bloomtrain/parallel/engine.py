@@ -96,7 +96,10 @@ class TrainingEngine:
             loss = self.engine.train_batch(data_iter=batches).item()
         else:
             total = torch.zeros((), device=self.engine.device)
-            for batch in micro_batches:
+            for index, batch in enumerate(micro_batches):
+                # The step's last micro-batch is the boundary, said explicitly: DeepSpeed's own micro-step
+                # count drifts from the step boundaries once a batch ramp-up changes their number.
+                self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
                 tokens = batch["tokens"].to(self.engine.device, non_blocking=True)
                 labels = batch["labels"].to(self.engine.device, non_blocking=True)
                 loss = vocab_parallel_loss(self.engine(tokens), labels)

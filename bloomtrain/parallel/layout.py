@@ -59,6 +59,13 @@ def resolve_layout(config: BloomTrainConfig, world_size: int) -> ParallelLayout:
         raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {data}; "
                           f"make it a multiple of {train.micro_batch_size * data}")
+    if train.rampup_batch_size:
+        start, increment, _ = train.rampup_batch_size
+        step = train.micro_batch_size * data
+        if start % step or increment % step:
+            raise ConfigError(f"train.rampup_batch_size={list(train.rampup_batch_size)}: every step's batch must be "
+                              f"a multiple of train.micro_batch_size={train.micro_batch_size} x data-parallel size "
+                              f"{data} = {step}, so the start ({start}) and the increment ({increment}) must be too")
     if pipeline > 1 and parallel.zero_stage > 1:
         raise ConfigError(f"parallel.zero_stage={parallel.zero_stage} cannot be combined with "
                           f"parallel.pipeline={pipeline} (DeepSpeed's pipeline engine supports ZeRO 0 and 1); "
