@@ -133,38 +133,45 @@ def blocks_per_stage(num_layers: int, pipeline: int) -> list[int]:
 def state_bytes_per_parameter(precision: str, zero_stage: int, data: int) -> tuple[float, float, float]:
     """(weights, gradients, optimizer state) bytes per held parameter.
 
-    fp32 under ZeRO 0: the weights are the optimizer's own, Adam adds two moments (8 bytes). Under ZeRO
-    >= 1, and in half precision always, the optimizer keeps an fp32 copy of the weights, its fp32
-    gradient and the two moments: 16 bytes, split over data-parallel ranks from ZeRO 1 on; ZeRO 2 also
-    splits the model's gradients, ZeRO 3 its weights."""
+    fp32 under ZeRO 0: the weights are the optimizer's own and Adam keeps two fp32 moments (8 bytes).
+    Under ZeRO >= 1, and in half precision always, the optimizer also keeps an fp32 copy of the weights
+    (12 bytes with the moments), split over data-parallel ranks from ZeRO 1 on, and during the step an
+    fp32 gradient of that copy (4 bytes, counted with the gradients); ZeRO 2 also splits the model's
+    gradients, ZeRO 3 its weights. Measured against DeepSpeed's own tensors in tests/test_plan.py."""
     weight = 4.0 if precision == "fp32" else 2.0
-    optimizer = 8.0 if precision == "fp32" and zero_stage == 0 else 16.0
-    if zero_stage >= 1:
-        optimizer /= data
-    gradient = weight / data if zero_stage >= 2 else weight
+    has_master = precision != "fp32" or zero_stage >= 1
+    shards = data if zero_stage >= 1 else 1
+    optimizer = (12.0 if has_master else 8.0) / shards
+    gradient = (weight / data if zero_stage >= 2 else weight) + (4.0 / shards if has_master else 0.0)
     if zero_stage >= 3:
         weight /= data
     return weight, gradient, optimizer
 
 
+# bloomtrain's block, per s b h in bf16, from the tensors its autograd saves (tests/test_plan.py): the LayerNorm
+# inputs and the inputs of the two matmuls that see the whole hidden state stay whole under tensor
+# parallelism (8); the rest splits over t, the tanh-GeLU's intermediates included (33); the attention
+# adds about a s / h (its probabilities; PyTorch's fused attention keeps less, its plain kernel more).
+# fp32 saves 1.5x as much (softmax statistics and masks do not grow with the precision).
+UNSPLIT_PER_SBH, SPLIT_PER_SBH, ATTENTION_PER_ASB, FP32_SCALE = 8.0, 33.0, 1.0, 1.5
+
+
 def activation_bytes_per_layer(model: ModelConfig, seq_length: int, micro_batch_size: int, tensor: int,
                                precision: str, recompute: bool, sequence_parallel: bool) -> float:
-    """One block's activations kept for backward, for one micro-batch.
-
-    Korthikanti et al. (2022), "Reducing Activation Recomputation in Large Transformer Models", count
-    s b h (34 + 5 a s / h) bytes in half precision, s b h (10 + 24/t + 5 a s / (h t)) under tensor
-    parallelism and s b h (34 + 5 a s / h) / t with sequence parallelism. BLOOM trains without dropout:
-    no dropout masks (2 s b h and a s^2 b) and no dropout output beside the softmax's (2 a s^2 b), so
-    s b h (32 + 2 a s / h), s b h (8 + 24/t + 2 a s / (h t)) and s b h (32 + 2 a s / h) / t. fp32 doubles
-    it. With activation checkpointing a block keeps only its input, 2 s b h (split by t under sequence
-    parallelism)."""
+    """One block's activations kept for backward, for one micro-batch, in the form of Korthikanti et al.
+    (2022), "Reducing Activation Recomputation in Large Transformer Models", with bloomtrain's measured
+    constants: s b h (8 + 33/t + a s/(h t)) bytes in half precision (the paper's 10 + 24/t + 5 a s/(h t)
+    counts dropout, which BLOOM trains without, and a GeLU that saves less than tanh-GeLU's autograd),
+    all of it / t with sequence parallelism; fp32 1.5 times that. With activation checkpointing a block
+    keeps only its input, 2 s b h (/ t with sequence parallelism; 4 in fp32)."""
     s, b, h, a, t = seq_length, micro_batch_size, model.hidden_size, model.num_attention_heads, tensor
-    scale = 2.0 if precision == "fp32" else 1.0
     if recompute:
-        return scale * 2 * s * b * h / (t if sequence_parallel else 1)
+        return (2.0 if precision == "fp32" else 1.0) * 2 * s * b * h / (t if sequence_parallel else 1)
+    scale = FP32_SCALE if precision == "fp32" else 1.0
+    attention = ATTENTION_PER_ASB * a * s / h
     if sequence_parallel:
-        return scale * s * b * h * (32 + 2 * a * s / h) / t
-    return scale * s * b * h * (8 + 24 / t + 2 * a * s / (h * t))
+        return scale * s * b * h * (UNSPLIT_PER_SBH + SPLIT_PER_SBH + attention) / t
+    return scale * s * b * h * (UNSPLIT_PER_SBH + SPLIT_PER_SBH / t + attention / t)
 
 
 def estimate_memory(model: ModelConfig, layout: Layout, precision: str, seq_length: int,

@@ -88,7 +88,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(config))
 
-        check_token_files(blend, train.seq_length)
+        check_token_files(blend, train.seq_length, train.max_steps * train.global_batch_size,
+                          config.eval.iters * train.global_batch_size if config.eval.interval else 0)
         self.tokenizer = load_tokenizer(blend.tokenizer)
         if self.tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(

@@ -12,6 +12,7 @@ into ``.bin`` and D int64 document boundaries.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -60,12 +61,24 @@ def token_count(prefix: str) -> int:
     return tokens
 
 
-def check_token_files(blend: Blend, seq_length: int) -> None:
-    """Every dataset of the blend is intact and holds at least one training sample of ``seq_length``."""
+MAX_EPOCHS = 10_000
+"""More passes over one dataset than this is a mistake (a sequence longer than the data, or far too
+many steps): megatron-core would spend hours building an index of that many epochs."""
+
+
+def check_token_files(blend: Blend, seq_length: int, train_samples: int, valid_samples: int) -> None:
+    """Every dataset of the blend is intact, and none must be repeated more than :data:`MAX_EPOCHS` times
+    to give the run its samples (its share of ``train_samples``; ``valid_samples`` for a validation set)."""
+    total_weight = sum(entry.weight for entry in blend.datasets)
     for entry in blend.datasets:
-        for prefix in filter(None, (entry.prefix, entry.valid_prefix)):
+        wanted = {entry.prefix: train_samples * entry.weight / total_weight if len(blend.datasets) > 1
+                  else train_samples}
+        if entry.valid_prefix:
+            wanted[entry.valid_prefix] = valid_samples
+        for prefix, samples in wanted.items():
             tokens = token_count(prefix)
-            if tokens < seq_length + 1:
+            epochs = math.ceil(samples * (seq_length + 1) / max(tokens, 1))
+            if epochs > MAX_EPOCHS:
                 raise ConfigError(
-                    f"train.seq_length={seq_length} needs at least {seq_length + 1} tokens per dataset, but {prefix} "
-                    f"holds {tokens}; lower train.seq_length or drop that dataset from data.blend")
+                    f"train.seq_length={seq_length} over {samples:,.0f} samples needs {prefix} ({tokens:,} tokens) "
+                    f"repeated {epochs:,} times; lower train.seq_length or train.max_steps, or add data")

@@ -34,7 +34,7 @@ def _english(blend_path: Path) -> str:
 
 def test_intact_files_are_counted_exactly(sample_copy):
     blend = read_blend(sample_copy)
-    check_token_files(blend, 64)
+    check_token_files(blend, 64, 4800, 160)
     for entry in blend.datasets:
         assert token_count(entry.prefix) == entry.tokens  # the pipeline's own count
         assert Path(entry.prefix + ".bin").stat().st_size == entry.tokens * 2  # uint16 tokens
@@ -45,7 +45,7 @@ def test_a_truncated_bin_is_refused_naming_it(sample_copy):
     data = Path(prefix + ".bin")
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     with pytest.raises(ConfigError, match=f"{data}.*truncated"):
-        check_token_files(read_blend(sample_copy), 64)
+        check_token_files(read_blend(sample_copy), 64, 4800, 160)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "short", "offsets"])
@@ -62,7 +62,7 @@ def test_a_damaged_idx_is_refused_naming_it(sample_copy, damage):
         raw[start:start + 8] = (12345).to_bytes(8, "little")
     index.write_bytes(bytes(raw))
     with pytest.raises(ConfigError, match=str(index)):
-        check_token_files(read_blend(sample_copy), 64)
+        check_token_files(read_blend(sample_copy), 64, 4800, 160)
 
 
 @pytest.mark.parametrize("weight", [-0.5, 0, math.nan, math.inf, "heavy"])
@@ -74,9 +74,11 @@ def test_blend_weights_must_be_positive_numbers(sample_copy, weight):
         read_blend(sample_copy)
 
 
-def test_a_sequence_longer_than_a_dataset_is_a_config_error(sample_copy):
-    with pytest.raises(ConfigError, match=r"train.seq_length=1000000 needs at least 1000001 tokens per dataset"):
-        check_token_files(read_blend(sample_copy), 1_000_000)
+def test_a_sequence_that_would_repeat_a_dataset_endlessly_is_a_config_error(sample_copy):
+    endless = r"train.seq_length=1000000 over [\d,]+ samples needs .* repeated [\d,]+ times"
+    with pytest.raises(ConfigError, match=endless):
+        check_token_files(read_blend(sample_copy), 1_000_000, 4800, 160)
+    check_token_files(read_blend(sample_copy), 1024, 4800, 160)  # longer than some datasets: repeated, fine
 
 
 @pytest.mark.slow
