@@ -152,15 +152,15 @@ class Trainer:
                 result = self.engine.train_step(micro_batches)
                 elapsed = time.perf_counter() - started
                 param_norm = self.engine.parameter_norm()  # collective: every rank
-                if non_finite.record(progress.step + 1, result.loss, result.grad_norm, loss_scaling):
-                    progress.nonfinite_steps += 1
-                    self._log_step(result, elapsed, data_wait, param_norm, display)
-                    status = self._stop_diverged(non_finite)
-                    break
+                diverged = non_finite.record(progress.step + 1, result.loss, result.grad_norm, loss_scaling)
                 if non_finite.last_step_was_bad:
                     progress.nonfinite_steps += 1
-                    self._note_skipped_step(result)
-                self._log_step(result, elapsed, data_wait, param_norm, display)
+                    if not diverged:
+                        self._note_skipped_step(result)
+                self._log_step(result, batch, elapsed, data_wait, param_norm, display)
+                if diverged:
+                    status = self._stop_diverged(non_finite)
+                    break
                 self.heartbeat.step = progress.step
                 if param_norm is not None and not is_finite(param_norm):
                     status = self._stop_diverged(non_finite, weights=True)
@@ -279,10 +279,9 @@ class Trainer:
             (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
         return EXIT_DIVERGED
 
-    def _log_step(self, result: StepResult, elapsed: float, data_wait: float, param_norm: float | None,
+    def _log_step(self, result: StepResult, batch: int, elapsed: float, data_wait: float, param_norm: float | None,
                   display: StepProgress) -> None:
         progress, train = self.progress, self.config.train
-        batch = self.batch_layout.batch_at(progress.consumed_samples)
         if self.metrics is not None:
             step_tokens = self.meter.tokens_by_language(progress.consumed_samples + progress.skipped_samples, batch)
             for language, count in step_tokens.items():
