@@ -23,6 +23,7 @@ from functools import cache
 
 from bloomtrain.config import BloomTrainConfig, ConfigError, ModelConfig
 from bloomtrain.flops import model_flops_per_step
+from bloomtrain.parallel.layout import DEEPSPEED_REDUCE_BUCKET, gradient_bucket_elements
 from bloomtrain.parallel.names import pipeline_layers, shard_dim
 
 GIB = 2**30
@@ -74,10 +75,11 @@ class Memory:
     optimizer: float
     activations: float
     in_flight: int  # micro-batches whose activations the first stage holds at once (1F1B)
+    gradient_bucket: float = 0.0  # ZeRO 1/2's staging bucket, where it does not hold the gradients themselves
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer + self.activations
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.gradient_bucket
 
 
 # ----------------------------------------------------------------------------------------- parameters
@@ -194,7 +196,12 @@ def estimate_memory(model: ModelConfig, layout: Layout, precision: str, seq_leng
                                                   precision, False, layout.sequence_parallel)
     if layout.pipeline == 1:  # the logits and their fp32 softmax for the loss, on the (only) stage
         activations += (4 + scale * 2) * s * b * model.padded_vocab_size(layout.tensor) / layout.tensor
-    return Memory(params * weight, params * gradient, params * optimizer, activations, in_flight)
+    bucket = 0.0
+    if layout.zero_stage in (1, 2) and params > DEEPSPEED_REDUCE_BUCKET:
+        # Up to the cap the gradients move into the bucket and live there (counted as gradients); beyond it
+        # the bucket stages them on their way to the partitions, in the model's precision.
+        bucket = gradient_bucket_elements(params) * (4.0 if precision == "fp32" else 2.0)
+    return Memory(params * weight, params * gradient, params * optimizer, activations, in_flight, bucket)
 
 
 # ---------------------------------------------------------------------------------------------- time
@@ -277,6 +284,7 @@ class Plan:
             ("  parameters", f"{m.parameters / g:,.2f} GiB"),
             ("  gradients", f"{m.gradients / g:,.2f} GiB"),
             ("  optimizer state", f"{m.optimizer / g:,.2f} GiB"),
+            ("  gradient bucket", f"{m.gradient_bucket / g:,.2f} GiB"),
             ("  activations", f"{m.activations / g:,.2f} GiB ({m.in_flight} micro-batch"
                               f"{'es' if m.in_flight > 1 else ''} in flight)"),
             ("tokens per step", f"{self.tokens_per_step:,}"),

@@ -25,6 +25,14 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _planned_bucket(config, held: int) -> int:
+    from bloomtrain.parallel.layout import gradient_bucket_elements
+
+    if config.parallel.zero_stage not in (1, 2):
+        return 0
+    return gradient_bucket_elements(held)
+
+
 def main() -> None:
     from megatron.core import parallel_state
 
@@ -47,6 +55,7 @@ def main() -> None:
     moments = [value for state in basic.state.values() for value in state.values()
                if hasattr(value, "numel") and value.numel() > 1]
     masters = [p for group in basic.param_groups for p in group["params"] if id(p) not in own]
+    bucket_elements = getattr(trainer.engine.optimizer, "reduce_bucket_size", 0)  # ZeRO 1/2's gradient bucket
     stage = parallel_state.get_pipeline_model_parallel_rank()
     layout = trainer.layout
     held = stage_parameters(config.model, layout.tensor, layout.pipeline)[stage]
@@ -60,6 +69,7 @@ def main() -> None:
         "master_gradients": _bytes(p.grad for p in masters if p.grad is not None),
         "estimated_weights": held * weight, "estimated_optimizer": held * optimizer,
         "estimated_gradients": held * gradient, "estimated_activations": plan.memory.activations,
+        "gradient_bucket": bucket_elements, "planned_bucket": _planned_bucket(config, held),
         "estimated_total": plan.memory.total,
         "peak_rss_growth": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before,
     }

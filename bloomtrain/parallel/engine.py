@@ -22,19 +22,20 @@ from torch import nn
 from bloomtrain.config import ConfigError, TrainConfig
 from bloomtrain.parallel.clipping import deepspeed_clips, parameter_norm
 from bloomtrain.parallel.groups import MegatronModelParallelUnit
-from bloomtrain.parallel.layout import ParallelLayout
+from bloomtrain.parallel.layout import DEEPSPEED_REDUCE_BUCKET, ParallelLayout, gradient_bucket_elements
 from bloomtrain.parallel.tensor_parallel import vocab_parallel_loss
 
 
 def deepspeed_config(train: TrainConfig, grad_clip: float, layout: ParallelLayout,
-                     load_universal: bool = False) -> dict:
+                     load_universal: bool = False, parameters: int = DEEPSPEED_REDUCE_BUCKET) -> dict:
     micro_batches = train.global_batch_size // (train.micro_batch_size * layout.data)
     config = {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": micro_batches,
         "gradient_clipping": grad_clip if deepspeed_clips(train.precision, layout.zero_stage) else 0.0,
-        "zero_optimization": {"stage": layout.zero_stage},
+        "zero_optimization": {"stage": layout.zero_stage,
+                              "reduce_bucket_size": gradient_bucket_elements(parameters)},
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
         "dump_state": False,
@@ -84,7 +85,8 @@ class TrainingEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
-            config=deepspeed_config(train, grad_clip, layout, load_universal),
+            config=deepspeed_config(train, grad_clip, layout, load_universal,
+                                    parameters=sum(p.numel() for p in module.parameters())),
             mpu=None if layout.pipeline > 1 else MegatronModelParallelUnit(),
         )
         self.module = self.engine.module

@@ -16,6 +16,17 @@ from dataclasses import dataclass
 
 from bloomtrain.config import BloomTrainConfig, ConfigError
 
+# DeepSpeed's default ZeRO 1/2 gradient bucket, in elements: allocated whole on every rank's device.
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+
+
+def gradient_bucket_elements(parameters: int) -> int:
+    """ZeRO 1/2 copy each micro-batch's gradients into one preallocated bucket; DeepSpeed's default of
+    5e8 elements costs 2 GB of fp32 on every GPU however small the model, so it is capped at the
+    gradients this rank holds (the reduction then sees the same single bucket)."""
+    return max(1, min(DEEPSPEED_REDUCE_BUCKET, parameters))
+
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
