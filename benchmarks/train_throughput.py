@@ -13,9 +13,11 @@ For each shape and precision one worker process builds both:
   computed as bloomtrain computes it, on the batches bloomtrain's loader produced (its loading is not
   timed).
 
-They alternate step by step over several rounds after a warm-up, so drift in the machine's speed hits
-both alike; tokens/s is the median per-step rate. MFU counts the model FLOPs (``bloomtrain/flops.py``)
-against the matmul peak measured once, at length, in the same invocation. Peak memory: each framework
+Each runs in its own process (its own heap, as in real use; sharing one process slowed HF's step by up
+to 30% here, its allocations landing in memory the other had just freed) and they take turns step by
+step over several rounds after a warm-up, so drift in the machine's speed hits both alike; tokens/s is
+the median per-step rate. MFU counts the model FLOPs (``bloomtrain/flops.py``)
+against the best matmul peak measured in the same invocation, before and after the runs. Peak memory: each framework
 in a fresh process, one step at sequence 2048, the growth of its peak resident memory.
 """
 
@@ -45,6 +47,9 @@ SHAPES = {
              "model.vocab_size=32768", "train.seq_length=1024", "train.micro_batch_size=2",
              "train.global_batch_size=2"],
 }
+
+
+SETTLE_SECONDS = 0.3
 
 
 def _free_port() -> int:
@@ -78,9 +83,9 @@ class BloomtrainStep:
 
     def __call__(self) -> list:
         trainer = self.trainer
-        started = time.perf_counter()
         batch = trainer.batch_layout.batch_at(trainer.progress.consumed_samples)
         trainer.scheduler.step(batch)
+        started = time.perf_counter()
         micro_batches = next(trainer.batches)
         self.loader_seconds.append(time.perf_counter() - started)
         trainer.engine.train_step(micro_batches)
@@ -121,38 +126,78 @@ class HuggingFaceStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _timed(step, *args) -> tuple[float, object]:
-    started = time.perf_counter()
-    out = step(*args)
-    return time.perf_counter() - started, out
-
-
-def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[str]) -> dict:
-    """Worker: both frameworks in this process, alternating steps."""
+def serve(kind: str, overrides: list[str], precision: str, threads: int, connection) -> None:
+    """A framework's own process: one timed step per request, until told to stop (None)."""
     import torch
 
-    from bloomtrain.flops import model_flops_per_step
-
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
     _single_process_env()
+    from bloomtrain.config_loader import load_config
+
+    if kind == "bloomtrain":
+        step = BloomtrainStep(overrides)
+    else:
+        step = HuggingFaceStep(load_config(overrides), precision)
+    connection.send("ready")
+    while (micro_batches := connection.recv()) is not None:
+        if kind == "hf":
+            micro_batches = [{key: torch.tensor(value) for key, value in batch.items()} for batch in micro_batches]
+        started = time.perf_counter()
+        produced = step() if kind == "bloomtrain" else step(micro_batches)
+        elapsed = time.perf_counter() - started
+        # OpenMP's threads spin for a while after a parallel region; let them settle before the other
+        # process starts its step, so neither is timed against the other's idle spinning.
+        time.sleep(SETTLE_SECONDS)
+        if kind == "bloomtrain":  # the batches as lists: no shared-memory tensors between processes
+            batches = [{key: value.tolist() for key, value in batch.items()} for batch in produced]
+            connection.send((elapsed, step.loader_seconds[-1], batches))
+        else:
+            connection.send((elapsed, 0.0, None))
+    if kind == "bloomtrain":
+        step.close()
+
+
+def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[str], threads: int) -> dict:
+    """Each framework in its own process (its own heap, as in real use), taking turns step by step:
+    bloomtrain's step, then HF's on the batch bloomtrain's loader produced."""
+    import multiprocessing
+
+    from bloomtrain.config_loader import load_config
+    from bloomtrain.flops import model_flops_per_step
+    from bloomtrain.model.bloom import count_parameters
+
+    context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as run_dir:
-        ours = BloomtrainStep(_overrides(shape, precision, run_dir, extra))
-        theirs = HuggingFaceStep(ours.config, precision)
-        ours_s, theirs_s = [], []
+        overrides = _overrides(shape, precision, run_dir, extra)
+        config = load_config(overrides)
+        workers = {}
+        for kind in ("bloomtrain", "hf"):
+            ours_end, their_end = context.Pipe()
+            process = context.Process(target=serve, args=(kind, overrides, precision, threads, their_end))
+            process.start()
+            workers[kind] = (process, ours_end)
+        for _, connection in workers.values():
+            if connection.recv() != "ready":
+                raise SystemExit("a benchmark worker failed to start")
+        seconds = {"bloomtrain": [], "hf": [], "loader": []}
         for index in range(warmup + rounds):
-            elapsed, micro_batches = _timed(ours)
-            their_elapsed, _ = _timed(theirs, micro_batches)
+            workers["bloomtrain"][1].send(True)
+            elapsed, loader, micro_batches = workers["bloomtrain"][1].recv()
+            workers["hf"][1].send(micro_batches)
+            their_elapsed, _, _ = workers["hf"][1].recv()
             if index >= warmup:
-                ours_s.append(elapsed)
-                theirs_s.append(their_elapsed)
-        loader = ours.loader_seconds[warmup:]
-        config = ours.config
-        ours.close()
-    train = config.train
-    tokens = train.global_batch_size * train.seq_length
-    return {"shape": shape, "precision": precision, "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in theirs.model.parameters()), "tokens_per_step": tokens,
-            "flops_per_step": model_flops_per_step(config.model, train.global_batch_size, train.seq_length),
-            "bloomtrain_s": ours_s, "hf_s": theirs_s, "loader_s": loader}
+                seconds["bloomtrain"].append(elapsed)
+                seconds["hf"].append(their_elapsed)
+                seconds["loader"].append(loader)
+        for process, connection in workers.values():
+            connection.send(None)
+            process.join()
+    model, train = config.model, config.train
+    return {"shape": shape, "precision": precision, "threads": threads, "parameters": count_parameters(model),
+            "tokens_per_step": train.global_batch_size * train.seq_length,
+            "flops_per_step": model_flops_per_step(model, train.global_batch_size, train.seq_length),
+            "bloomtrain_s": seconds["bloomtrain"], "hf_s": seconds["hf"], "loader_s": seconds["loader"]}
 
 
 def peak_memory(framework: str, shape: str, precision: str, seq_length: int) -> dict:
@@ -210,9 +255,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra bloomtrain config overrides, e.g. train.compile=true")
     args = parser.parse_args()
     if args.worker:
-        kind, *rest = json.loads(args.worker)
-        result = run_pair(*rest) if kind == "pair" else peak_memory(*rest)
-        print(json.dumps(result))
+        print(json.dumps(peak_memory(*json.loads(args.worker))))
         return
 
     import torch
@@ -221,26 +264,37 @@ def main() -> None:
 
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
     torch.set_num_threads(threads)
-    peaks = {}
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if precision in args.precisions.split(","):
-            peaks[precision] = max(measure_matmul_flops(torch.device("cpu"), dtype, size, args.peak_seconds)
-                                   for size in (2048, 3072, 4096))
-            print(f"matmul peak {precision}: {peaks[precision] / 1e9:,.1f} GFLOP/s "
-                  f"(best of 2048/3072/4096-square, 5 rounds of {args.peak_seconds:g} s, {threads} threads)",
-                  flush=True)
-    rows = []
+    precisions = args.precisions.split(",")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {precision: 0.0 for precision in precisions}
+
+    def measure_peaks(when: str) -> None:
+        # Before and after the runs, the best counting: a peak read while the machine was slow would
+        # flatter every MFU below.
+        for precision in precisions:
+            measured = max(measure_matmul_flops(torch.device("cpu"), dtypes[precision], size, args.peak_seconds)
+                           for size in (2048, 3072, 4096))
+            peaks[precision] = max(peaks[precision], measured)
+            print(f"matmul peak {precision} {when}: {measured / 1e9:,.1f} GFLOP/s (best of 2048/3072/4096-square, "
+                  f"5 rounds of {args.peak_seconds:g} s, {threads} threads)", flush=True)
+
+    measure_peaks("before")
+    results = []
     for shape in args.shapes.split(","):
-        for precision in args.precisions.split(","):
-            result = _worker(["pair", shape, precision, args.rounds, args.warmup, args.overrides])
-            ours, theirs = statistics.median(result["bloomtrain_s"]), statistics.median(result["hf_s"])
-            tokens, flops = result["tokens_per_step"], result["flops_per_step"]
-            loader = statistics.median(result["loader_s"])
-            rows.append((shape, precision, result["parameters"], tokens / ours, tokens / theirs, theirs / ours,
-                         flops / ours / peaks[precision], flops / theirs / peaks[precision], loader / ours))
-            print(f"{shape} {precision}: bloomtrain {ours:.3f} s/step, HF {theirs:.3f} s/step "
-                  f"(per step: {[round(s, 3) for s in result['bloomtrain_s']]} vs "
-                  f"{[round(s, 3) for s in result['hf_s']]})", flush=True)
+        for precision in precisions:
+            result = run_pair(shape, precision, args.rounds, args.warmup, args.overrides, threads)
+            results.append(result)
+            print(f"{shape} {precision}: per step bloomtrain {[round(s, 3) for s in result['bloomtrain_s']]} s, "
+                  f"HF {[round(s, 3) for s in result['hf_s']]} s", flush=True)
+    measure_peaks("after")
+    rows = []
+    for result in results:
+        precision = result["precision"]
+        ours, theirs = statistics.median(result["bloomtrain_s"]), statistics.median(result["hf_s"])
+        tokens, flops = result["tokens_per_step"], result["flops_per_step"]
+        loader = statistics.median(result["loader_s"])
+        rows.append((result["shape"], precision, result["parameters"], tokens / ours, tokens / theirs, theirs / ours,
+                     flops / ours / peaks[precision], flops / theirs / peaks[precision], loader / ours))
     print("\n| shape | precision | parameters | bloomtrain tokens/s | HF tokens/s | ratio | bloomtrain MFU | "
           "HF MFU | loader / step |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -250,7 +304,7 @@ def main() -> None:
     if args.memory_seq:
         print(f"\npeak memory, one step at sequence {args.memory_seq} (110m shape, fp32, growth of peak RSS):")
         for framework in ("bloomtrain", "hf"):
-            result = _worker(["memory", framework, "110m", "fp32", args.memory_seq])
+            result = _worker([framework, "110m", "fp32", args.memory_seq])
             print(f"  {framework}: {result['peak_growth'] / 2**30:.2f} GiB", flush=True)
 
 

@@ -42,6 +42,7 @@ from bloomtrain.evaluation import Validation
 from bloomtrain.flops import device_peak
 from bloomtrain.health import EXIT_DIVERGED, Heartbeat, LossSpikes, NonFiniteSteps, is_finite
 from bloomtrain.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, read_metrics
+from bloomtrain.model.bloom import BloomBlock
 from bloomtrain.optim import build_optimizer, build_scheduler
 from bloomtrain.parallel.engine import StepResult, TrainingEngine
 from bloomtrain.parallel.layout import ParallelLayout
@@ -67,6 +68,9 @@ def build_engine(config: BloomTrainConfig, layout: ParallelLayout, device: torch
     by what the run resumes from (padded vocabulary, initial weights, a universal checkpoint)."""
     model = build_parallel_model(config.model, layout, device, config.train.seed, resume.padded_vocab_size,
                                  config.parallel.activation_checkpointing, resume.initial_weights())
+    if config.train.compile:  # every block, wherever the layout put it (pipeline stages wrap them)
+        for block in [module for module in model.modules() if isinstance(module, BloomBlock)]:
+            block.compile()
     optimizer = build_optimizer(model, config.optimizer, config.train.precision, layout.zero_stage)
     engine = TrainingEngine(model, optimizer, config.train, config.optimizer.grad_clip, layout, resume.universal)
     return engine, build_scheduler(engine.optimizer, config.optimizer, config.train.max_steps,

@@ -129,3 +129,23 @@ def test_causal_attention_ignores_the_future():
     changed[0, 10:] = (changed[0, 10:] + 1) % 256
     with torch.no_grad():
         torch.testing.assert_close(model(ids)[:, :10], model(changed)[:, :10])
+
+
+def test_the_attention_bias_is_built_once_for_every_layer_and_step(monkeypatch):
+    from bloomtrain.model import bloom
+
+    built = []
+    original = bloom.alibi_causal_bias
+    monkeypatch.setattr(bloom, "alibi_causal_bias", lambda *args: built.append(args[1:]) or original(*args))
+    monkeypatch.setattr(bloom, "ATTENTION_BIAS", bloom.SharedAttentionBias())
+    model = build_model(ModelConfig(hidden_size=32, num_layers=3, num_attention_heads=4, vocab_size=64))
+    tokens = torch.randint(0, 64, (2, 16))
+    first = model(tokens)
+    assert torch.equal(model(tokens), first) and len(built) == 1  # three layers, two steps: one bias
+    model(tokens[:, :8])
+    assert len(built) == 2 and built[-1][0] == 8  # a new length builds its own
+    # A tensor-parallel rank holding other heads has other slopes: never handed another's bias.
+    other = build_model(ModelConfig(hidden_size=32, num_layers=1, num_attention_heads=4, vocab_size=64))
+    attention = other.h[0].self_attention
+    attention.alibi_slopes, attention.heads_key = attention.alibi_slopes[2:].clone(), (4, 2, 2)
+    assert bloom.ATTENTION_BIAS.get(attention.heads_key, attention.alibi_slopes, 8, torch.float32, 8).shape[1] == 2

@@ -192,3 +192,15 @@ def test_quickstart_command(tmp_path, sample_cache):
     assert report["last_valid_loss"] == pytest.approx(evaluations[-1]["loss"])
     assert "| zh |" in (run_dir / "report" / "summary.md").read_text()
     assert (run_dir / "report" / "curves.png").exists() and list((run_dir / "tensorboard").glob("events.*"))
+
+
+def test_compiled_blocks_train_as_the_eager_ones_do(tmp_path, sample_cache):
+    """``train.compile=true``: the same losses as eager mode, to rounding (inductor fuses the elementwise work)."""
+    losses = {}
+    for mode in ("false", "true"):
+        run_dir = tmp_path / mode
+        run_train(_tiny(run_dir, sample_cache, "train.max_steps=4", "logging.wandb.mode=disabled",
+                        "checkpoint.interval=0", f"train.compile={mode}"))
+        losses[mode] = [m["loss"] for m in read_metrics(run_dir)]
+    assert len(losses["true"]) == 4
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

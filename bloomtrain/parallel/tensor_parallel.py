@@ -150,6 +150,9 @@ def parallelize_block(block: BloomBlock, config: ModelParallelConfig) -> BloomBl
     attention.query_key_value = column_parallel(attention.query_key_value, config)
     attention.dense = row_parallel(attention.dense, config)
     attention.alibi_slopes = _shard(attention.alibi_slopes, 0).clone()
+    local_heads = attention.alibi_slopes.numel()
+    attention.heads_key = (attention.num_heads, parallel_state.get_tensor_model_parallel_rank() * local_heads,
+                           local_heads)
     mlp.dense_h_to_4h = column_parallel(mlp.dense_h_to_4h, config)
     mlp.dense_4h_to_h = row_parallel(mlp.dense_4h_to_h, config)
     mark_replicated_module(block.input_layernorm, config.sequence_parallel)
