@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py                       # both shapes, fp32 and bf16
     .venv/bin/python benchmarks/train_throughput.py --shapes 110m --precisions fp32 --rounds 7
+    .venv/bin/python benchmarks/train_throughput.py --against parallel.activation_checkpointing=true  # a trade-off
 
 For each shape and precision one worker process builds both:
 
@@ -14,17 +15,20 @@ For each shape and precision one worker process builds both:
   timed).
 
 Each runs in its own process (its own heap, as in real use; sharing one process slowed HF's step by up
-to 30% here, its allocations landing in memory the other had just freed) and they take turns step by
-step over several rounds after a warm-up, so drift in the machine's speed hits both alike; tokens/s is
-the median per-step rate. MFU counts the model FLOPs (``bloomtrain/flops.py``)
-against the best matmul peak measured in the same invocation, before and after the runs. Peak memory: each framework
-in a fresh process, one step at sequence 2048, the growth of its peak resident memory.
+to 30% here, its allocations landing in memory the other had just freed). They take turns, a round of
+consecutive steps each, over several rounds after a warm-up, so drift in the machine's speed hits both
+alike; a round lasts about a second (one step at the 110M shape, about ten at bloom-tiny's, whose single
+steps vary by half between neighbours). tokens/s is the median over rounds. MFU counts the model FLOPs
+(``bloomtrain/flops.py``) against the best matmul peak measured in the same invocation, before and after
+the runs. Peak memory: each framework in a fresh process, two steps at sequence 2048, the growth of its
+peak resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import socket
@@ -50,6 +54,7 @@ SHAPES = {
 
 
 SETTLE_SECONDS = 0.3
+ROUND_SECONDS = 1.0
 
 
 def _free_port() -> int:
@@ -127,7 +132,9 @@ class HuggingFaceStep:
 
 
 def serve(kind: str, overrides: list[str], precision: str, threads: int, connection) -> None:
-    """A framework's own process: one timed step per request, until told to stop (None)."""
+    """A framework's own process: one timed round of consecutive steps per request, until told to stop
+    (None). bloomtrain is asked for a number of steps and answers with the batches its loader produced;
+    HF is handed those batches."""
     import torch
 
     warnings.filterwarnings("ignore")
@@ -140,27 +147,31 @@ def serve(kind: str, overrides: list[str], precision: str, threads: int, connect
     else:
         step = HuggingFaceStep(load_config(overrides), precision)
     connection.send("ready")
-    while (micro_batches := connection.recv()) is not None:
+    while (request := connection.recv()) is not None:
         if kind == "hf":
-            micro_batches = [{key: torch.tensor(value) for key, value in batch.items()} for batch in micro_batches]
+            steps = [[{key: torch.tensor(value) for key, value in batch.items()} for batch in micro_batches]
+                     for micro_batches in request]
         started = time.perf_counter()
-        produced = step() if kind == "bloomtrain" else step(micro_batches)
+        produced = [step() for _ in range(request)] if kind == "bloomtrain" else [step(batches) for batches in steps]
         elapsed = time.perf_counter() - started
         # OpenMP's threads spin for a while after a parallel region; let them settle before the other
-        # process starts its step, so neither is timed against the other's idle spinning.
+        # process starts its round, so neither is timed against the other's idle spinning.
         time.sleep(SETTLE_SECONDS)
         if kind == "bloomtrain":  # the batches as lists: no shared-memory tensors between processes
-            batches = [{key: value.tolist() for key, value in batch.items()} for batch in produced]
-            connection.send((elapsed, step.loader_seconds[-1], batches))
+            batches = [[{key: value.tolist() for key, value in batch.items()} for batch in micro_batches]
+                       for micro_batches in produced]
+            connection.send((elapsed, sum(step.loader_seconds[-request:]), batches))
         else:
             connection.send((elapsed, 0.0, None))
     if kind == "bloomtrain":
         step.close()
 
 
-def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[str], threads: int) -> dict:
-    """Each framework in its own process (its own heap, as in real use), taking turns step by step:
-    bloomtrain's step, then HF's on the batch bloomtrain's loader produced."""
+def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[str], threads: int,
+             against: list[str] | None = None) -> dict:
+    """Each framework in its own process (its own heap, as in real use), taking turns round by round:
+    bloomtrain's steps, then HF's on the batches bloomtrain's loader produced, or, given ``against``
+    (overrides), bloomtrain's with those overrides on its own loader's (the same) batches. Seconds per step."""
     import multiprocessing
 
     from bloomtrain.config_loader import load_config
@@ -172,24 +183,30 @@ def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[s
         overrides = _overrides(shape, precision, run_dir, extra)
         config = load_config(overrides)
         workers = {}
-        for kind in ("bloomtrain", "hf"):
+        other = ("hf", overrides) if against is None else \
+            ("bloomtrain", _overrides(shape, precision, f"{run_dir}/other", [*extra, *against]))
+        for name, (kind, its_overrides) in {"bloomtrain": ("bloomtrain", overrides), "other": other}.items():
             ours_end, their_end = context.Pipe()
-            process = context.Process(target=serve, args=(kind, overrides, precision, threads, their_end))
+            process = context.Process(target=serve, args=(kind, its_overrides, precision, threads, their_end))
             process.start()
-            workers[kind] = (process, ours_end)
+            workers[name] = (process, ours_end)
         for _, connection in workers.values():
             if connection.recv() != "ready":
                 raise SystemExit("a benchmark worker failed to start")
-        seconds = {"bloomtrain": [], "hf": [], "loader": []}
+        seconds = {"bloomtrain": [], "other": [], "loader": []}
+        steps_per_round = 1
         for index in range(warmup + rounds):
-            workers["bloomtrain"][1].send(True)
-            elapsed, loader, micro_batches = workers["bloomtrain"][1].recv()
-            workers["hf"][1].send(micro_batches)
-            their_elapsed, _, _ = workers["hf"][1].recv()
-            if index >= warmup:
-                seconds["bloomtrain"].append(elapsed)
-                seconds["hf"].append(their_elapsed)
-                seconds["loader"].append(loader)
+            if index == warmup:  # short steps run in rounds of about ROUND_SECONDS, which steadies their timing
+                fastest = min(min(seconds["bloomtrain"]), min(seconds["other"]))
+                steps_per_round = max(1, math.ceil(ROUND_SECONDS / fastest))
+                seconds = {"bloomtrain": [], "other": [], "loader": []}
+            workers["bloomtrain"][1].send(steps_per_round)
+            elapsed, loader, steps = workers["bloomtrain"][1].recv()
+            workers["other"][1].send(steps if against is None else steps_per_round)
+            their_elapsed, _, _ = workers["other"][1].recv()
+            seconds["bloomtrain"].append(elapsed / steps_per_round)
+            seconds["other"].append(their_elapsed / steps_per_round)
+            seconds["loader"].append(loader / steps_per_round)
         for process, connection in workers.values():
             connection.send(None)
             process.join()
@@ -197,15 +214,17 @@ def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[s
     return {"shape": shape, "precision": precision, "threads": threads, "parameters": count_parameters(model),
             "tokens_per_step": train.global_batch_size * train.seq_length,
             "flops_per_step": model_flops_per_step(model, train.global_batch_size, train.seq_length),
-            "bloomtrain_s": seconds["bloomtrain"], "hf_s": seconds["hf"], "loader_s": seconds["loader"]}
+            "steps_per_round": steps_per_round, "bloomtrain_s": seconds["bloomtrain"], "other_s": seconds["other"],
+            "loader_s": seconds["loader"]}
 
 
-def peak_memory(framework: str, shape: str, precision: str, seq_length: int) -> dict:
-    """Worker: one framework, one step at ``seq_length``; the growth of this process's peak RSS."""
+def peak_memory(framework: str, shape: str, precision: str, seq_length: int, extra: tuple[str, ...] = ()) -> dict:
+    """Worker: one framework, two steps at ``seq_length`` (the optimizer's state and the gradients exist
+    from the first step's end, so the second one's peak is a run's); the growth of this process's peak RSS."""
     import psutil
 
     _single_process_env()
-    extra = [f"train.seq_length={seq_length}"]
+    extra = [*extra, f"train.seq_length={seq_length}"]
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = _overrides(shape, precision, run_dir, extra)
         from bloomtrain.config_loader import load_config
@@ -219,6 +238,7 @@ def peak_memory(framework: str, shape: str, precision: str, seq_length: int) -> 
         if framework == "bloomtrain":
             step = BloomtrainStep(overrides)
             step()
+            step()
             step.close()
         else:
             import torch
@@ -229,7 +249,8 @@ def peak_memory(framework: str, shape: str, precision: str, seq_length: int) -> 
             generator = torch.Generator().manual_seed(0)
             tokens = torch.randint(0, config.model.vocab_size, (config.train.global_batch_size, seq_length + 1),
                                    generator=generator)
-            hf([{"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}])
+            for _ in range(2):
+                hf([{"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"framework": framework, "peak_growth": peak - before}
 
@@ -251,9 +272,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-seq", type=int, default=2048, help="0 skips the memory comparison")
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="length of each matmul-peak round")
+    parser.add_argument("--against", help="instead of HF, bloomtrain with these overrides (space-separated), "
+                        "e.g. --against parallel.activation_checkpointing=true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra bloomtrain config overrides, e.g. train.compile=true")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: the warm-up sizes the rounds")
     if args.worker:
         print(json.dumps(peak_memory(*json.loads(args.worker))))
         return
@@ -262,6 +287,8 @@ def main() -> None:
 
     from bloomtrain.flops import measure_matmul_flops
 
+    against = args.against.split() if args.against else None
+    other = "HF" if against is None else f"bloomtrain {args.against}"
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
     torch.set_num_threads(threads)
     precisions = args.precisions.split(",")
@@ -282,30 +309,33 @@ def main() -> None:
     results = []
     for shape in args.shapes.split(","):
         for precision in precisions:
-            result = run_pair(shape, precision, args.rounds, args.warmup, args.overrides, threads)
+            result = run_pair(shape, precision, args.rounds, args.warmup, args.overrides, threads, against)
             results.append(result)
-            print(f"{shape} {precision}: per step bloomtrain {[round(s, 3) for s in result['bloomtrain_s']]} s, "
-                  f"HF {[round(s, 3) for s in result['hf_s']]} s", flush=True)
+            print(f"{shape} {precision}, seconds per step in each round of {result['steps_per_round']} steps: "
+                  f"bloomtrain {[round(s, 3) for s in result['bloomtrain_s']]}, "
+                  f"{other} {[round(s, 3) for s in result['other_s']]}", flush=True)
     measure_peaks("after")
     rows = []
     for result in results:
         precision = result["precision"]
-        ours, theirs = statistics.median(result["bloomtrain_s"]), statistics.median(result["hf_s"])
+        ours, theirs = statistics.median(result["bloomtrain_s"]), statistics.median(result["other_s"])
         tokens, flops = result["tokens_per_step"], result["flops_per_step"]
         loader = statistics.median(result["loader_s"])
         rows.append((result["shape"], precision, result["parameters"], tokens / ours, tokens / theirs, theirs / ours,
                      flops / ours / peaks[precision], flops / theirs / peaks[precision], loader / ours))
-    print("\n| shape | precision | parameters | bloomtrain tokens/s | HF tokens/s | ratio | bloomtrain MFU | "
-          "HF MFU | loader / step |")
+    print(f"\n| shape | precision | parameters | bloomtrain tokens/s | {other} tokens/s | ratio | bloomtrain MFU | "
+          f"{other} MFU | loader / step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape, precision, params, ours, theirs, ratio, mfu, hf_mfu, loader in rows:
         print(f"| {shape} | {precision} | {params / 1e6:.1f}M | {ours:,.0f} | {theirs:,.0f} | {ratio:.2f}x | "
               f"{mfu:.1%} | {hf_mfu:.1%} | {loader:.2%} |")
     if args.memory_seq:
-        print(f"\npeak memory, one step at sequence {args.memory_seq} (110m shape, fp32, growth of peak RSS):")
-        for framework in ("bloomtrain", "hf"):
-            result = _worker([framework, "110m", "fp32", args.memory_seq])
-            print(f"  {framework}: {result['peak_growth'] / 2**30:.2f} GiB", flush=True)
+        print(f"\npeak memory, two steps at sequence {args.memory_seq} (110m shape, fp32, growth of peak RSS):")
+        runs = {"bloomtrain": ("bloomtrain", args.overrides)}
+        runs[other] = ("hf", args.overrides) if against is None else ("bloomtrain", [*args.overrides, *against])
+        for label, (framework, overrides) in runs.items():
+            result = _worker([framework, "110m", "fp32", args.memory_seq, overrides])
+            print(f"  {label}: {result['peak_growth'] / 2**30:.2f} GiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -127,8 +127,9 @@ class TrainConfig:
     """auto picks cuda when available, else cpu."""
     compile: bool = False
     """torch.compile each transformer block: its elementwise work fused, the first step paying for the
-    compilation (about 25 s here). On this CPU it makes bloom-tiny's step about 20% faster and a 110M
-    model's not at all (docs/performance.md)."""
+    compilation (about 25 s here). Measured side by side on this CPU it does not pay (bloom-tiny's
+    step was slower compiled, a 110M model's the same; docs/benchmarks.md); on GPUs, where that
+    elementwise work is a larger share, measure before relying on it."""
     peak_tflops: float | None = None
     """The peak TFLOP/s of one device in train.precision, for MFU; null: a table of known GPUs (dense
     half precision), else measured at start-up (the log says which)."""

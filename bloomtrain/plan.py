@@ -152,28 +152,29 @@ def state_bytes_per_parameter(precision: str, zero_stage: int, data: int) -> tup
 
 # bloomtrain's block, per s b h in bf16, from the tensors its autograd saves (tests/test_plan.py): the LayerNorm
 # inputs and the inputs of the two matmuls that see the whole hidden state stay whole under tensor
-# parallelism (8); the rest splits over t, the tanh-GeLU's intermediates included (33); the attention
-# adds about a s / h (its probabilities; PyTorch's fused attention keeps less, its plain kernel more).
-# fp32 saves 1.5x as much (softmax statistics and masks do not grow with the precision).
-UNSPLIT_PER_SBH, SPLIT_PER_SBH, ATTENTION_PER_ASB, FP32_SCALE = 8.0, 33.0, 1.0, 1.5
+# parallelism (8); the rest splits over t, the GeLU's input and the attention's output and statistics
+# included (34). Nothing grows with s: the fused attention kernels keep no probabilities, and the ALiBi
+# bias is one tensor shared by every block (counted once per stage). fp32 saves 1.5x as much (softmax
+# statistics do not grow with the precision).
+UNSPLIT_PER_SBH, SPLIT_PER_SBH, FP32_SCALE = 8.0, 34.0, 1.5
 
 
 def activation_bytes_per_layer(model: ModelConfig, seq_length: int, micro_batch_size: int, tensor: int,
                                precision: str, recompute: bool, sequence_parallel: bool) -> float:
     """One block's activations kept for backward, for one micro-batch, in the form of Korthikanti et al.
     (2022), "Reducing Activation Recomputation in Large Transformer Models", with bloomtrain's measured
-    constants: s b h (8 + 33/t + a s/(h t)) bytes in half precision (the paper's 10 + 24/t + 5 a s/(h t)
-    counts dropout, which BLOOM trains without, and a GeLU that saves less than tanh-GeLU's autograd),
+    constants: s b h (8 + 34/t) bytes in half precision (the paper's 10 + 24/t + 5 a s/(h t) counts
+    dropout, which BLOOM trains without, attention probabilities, which fused kernels do not keep, and a
+    GeLU that saves less than tanh-GeLU's autograd),
     all of it / t with sequence parallelism; fp32 1.5 times that. With activation checkpointing a block
     keeps only its input, 2 s b h (/ t with sequence parallelism; 4 in fp32)."""
-    s, b, h, a, t = seq_length, micro_batch_size, model.hidden_size, model.num_attention_heads, tensor
+    s, b, h, t = seq_length, micro_batch_size, model.hidden_size, tensor
     if recompute:
         return (2.0 if precision == "fp32" else 1.0) * 2 * s * b * h / (t if sequence_parallel else 1)
     scale = FP32_SCALE if precision == "fp32" else 1.0
-    attention = ATTENTION_PER_ASB * a * s / h
     if sequence_parallel:
-        return scale * s * b * h * (UNSPLIT_PER_SBH + SPLIT_PER_SBH + attention) / t
-    return scale * s * b * h * (UNSPLIT_PER_SBH + SPLIT_PER_SBH / t + attention / t)
+        return scale * s * b * h * (UNSPLIT_PER_SBH + SPLIT_PER_SBH) / t
+    return scale * s * b * h * (UNSPLIT_PER_SBH + SPLIT_PER_SBH / t)
 
 
 def estimate_memory(model: ModelConfig, layout: Layout, precision: str, seq_length: int,
@@ -190,7 +191,12 @@ def estimate_memory(model: ModelConfig, layout: Layout, precision: str, seq_leng
     s, b, h = seq_length, layout.micro_batch_size, model.hidden_size
     # The embedding's output and its LayerNorm's (kept for backward), per micro-batch in flight.
     embedding = scale * 2 * 2 * s * b * h / (layout.tensor if layout.sequence_parallel else 1)
-    activations = in_flight * (blocks * per_layer + embedding)
+    # The ALiBi + causal bias every block of the stage shares (bloomtrain/model/bloom.py): the rank's heads
+    # x s x s, in fp32 whenever the attention computes in fp32 (fp32 runs, and half precision with
+    # model.attention_softmax_in_fp32).
+    bias_bytes = 2 if precision != "fp32" and not model.attention_softmax_in_fp32 else 4
+    bias = bias_bytes * model.num_attention_heads / layout.tensor * s * s
+    activations = in_flight * (blocks * per_layer + embedding) + bias
     if layout.activation_checkpointing:  # one block's full activations while it is recomputed
         activations += activation_bytes_per_layer(model, seq_length, layout.micro_batch_size, layout.tensor,
                                                   precision, False, layout.sequence_parallel)

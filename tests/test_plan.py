@@ -84,7 +84,7 @@ def test_bytes_per_parameter_by_precision_and_zero_stage():
     assert state_bytes_per_parameter("bf16", 3, 8) == (0.25, 0.25 + 0.5, 1.5)
     model = load_config(["model=bloom-176b"]).model
     full = activation_bytes_per_layer(model, 2048, 2, 4, "bf16", False, False)
-    assert full == 2048 * 2 * 14336 * (8 + 33 / 4 + 112 * 2048 / (14336 * 4))
+    assert full == 2048 * 2 * 14336 * (8 + 34 / 4)
     assert activation_bytes_per_layer(model, 2048, 2, 4, "bf16", False, True) < full
     assert activation_bytes_per_layer(model, 2048, 2, 4, "bf16", True, False) == 2 * 2048 * 2 * 14336
 
@@ -108,11 +108,12 @@ def _saved_bytes(model, tokens) -> int:
     return total
 
 
-# Measured here (bytes per s b h, estimate in brackets): fp32 64.3 (62.3), 66.1 (64.5), 68.1 (67.5), 96.2 (85.5);
-# bf16 42.3 (41.5), 44.1 (43), 46.1 (45), 74.2 (57). The last shape (sequence 512, head size 32) runs
-# PyTorch's plain attention kernel, which keeps the probabilities; the others keep less.
+# Measured here (bytes per s b h, estimate in brackets): fp32 64.1 (63) at every shape, sequences 64 to 2048;
+# bf16 42.0 (42). Nothing grows with the sequence: the fused attention kernel keeps no probabilities and the
+# ALiBi bias is shared by the blocks (the estimate counts it once per stage).
 @pytest.mark.parametrize("seq_length,micro_batch,hidden,heads,precision", [
     (64, 8, 512, 4, "fp32"), (128, 4, 384, 6, "fp32"), (256, 4, 768, 12, "fp32"), (512, 2, 256, 8, "fp32"),
+    (2048, 1, 256, 8, "fp32"),
     (64, 8, 512, 4, "bf16"),  # bf16 matmuls are slow on this CPU: one shape
 ])
 def test_the_activation_estimate_is_what_a_block_really_saves(seq_length, micro_batch, hidden, heads, precision):
@@ -128,7 +129,7 @@ def test_the_activation_estimate_is_what_a_block_really_saves(seq_length, micro_
                                      tokens)
     per_block = (saved[4] - saved[2]) / 2
     estimate = activation_bytes_per_layer(config, seq_length, micro_batch, 1, precision, False, False)
-    assert estimate == pytest.approx(per_block, rel=0.05 if seq_length < 512 else 0.25)
+    assert estimate == pytest.approx(per_block, rel=0.05)
 
 
 def _engine_report(tmp_path, sample_cache, processes, *overrides, env: dict | None = None) -> dict:
