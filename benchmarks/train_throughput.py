@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/train_throughput.py --shapes 110m --precisions fp32 --rounds 7
     .venv/bin/python benchmarks/train_throughput.py --against parallel.activation_checkpointing=true  # a trade-off
 
-For each shape and precision one worker process builds both:
+For each shape and precision, two worker processes:
 
 - bloomtrain as a run does (``build_trainer``: DeepSpeed, ZeRO 1, the real data loader over the bundled
   sample) and times what the training loop does per step: take the step's micro-batches from the
@@ -167,6 +167,28 @@ def serve(kind: str, overrides: list[str], precision: str, threads: int, connect
         step.close()
 
 
+def _take_turns(workers: dict, warmup: int, rounds: int, hand_over_batches: bool) -> tuple[dict, int]:
+    """The rounds, bloomtrain first; seconds per step of each round after the warm-up, and the steps in a
+    round. The other worker is handed bloomtrain's batches (HF) or asked for as many steps (a variant)."""
+    for _, connection in workers.values():
+        connection.recv()  # "ready": both are built before the first round starts
+    seconds = {"bloomtrain": [], "other": [], "loader": []}
+    steps_per_round = 1
+    for index in range(warmup + rounds):
+        if index == warmup:  # short steps run in rounds of about ROUND_SECONDS, which steadies their timing
+            fastest = min(min(seconds["bloomtrain"]), min(seconds["other"]))
+            steps_per_round = max(1, math.ceil(ROUND_SECONDS / fastest))
+            seconds = {"bloomtrain": [], "other": [], "loader": []}
+        workers["bloomtrain"][1].send(steps_per_round)
+        elapsed, loader, steps = workers["bloomtrain"][1].recv()
+        workers["other"][1].send(steps if hand_over_batches else steps_per_round)
+        their_elapsed, _, _ = workers["other"][1].recv()
+        seconds["bloomtrain"].append(elapsed / steps_per_round)
+        seconds["other"].append(their_elapsed / steps_per_round)
+        seconds["loader"].append(loader / steps_per_round)
+    return seconds, steps_per_round
+
+
 def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[str], threads: int,
              against: list[str] | None = None) -> dict:
     """Each framework in its own process (its own heap, as in real use), taking turns round by round:
@@ -174,6 +196,7 @@ def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[s
     (overrides), bloomtrain's with those overrides on its own loader's (the same) batches. Seconds per step."""
     import multiprocessing
 
+    from bloomtrain.config import ConfigError
     from bloomtrain.config_loader import load_config
     from bloomtrain.flops import model_flops_per_step
     from bloomtrain.model.bloom import count_parameters
@@ -181,32 +204,26 @@ def run_pair(shape: str, precision: str, rounds: int, warmup: int, extra: list[s
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = _overrides(shape, precision, run_dir, extra)
-        config = load_config(overrides)
-        workers = {}
         other = ("hf", overrides) if against is None else \
             ("bloomtrain", _overrides(shape, precision, f"{run_dir}/other", [*extra, *against]))
+        try:  # bad overrides stop here, with the config's own message, before any worker starts
+            config = load_config(overrides)
+            load_config(other[1])
+        except ConfigError as error:
+            raise SystemExit(f"train_throughput: {error}") from None
+        workers = {}
         for name, (kind, its_overrides) in {"bloomtrain": ("bloomtrain", overrides), "other": other}.items():
             ours_end, their_end = context.Pipe()
             process = context.Process(target=serve, args=(kind, its_overrides, precision, threads, their_end))
             process.start()
+            their_end.close()  # only the worker holds it now: its exit ends our recv() instead of hanging it
             workers[name] = (process, ours_end)
-        for _, connection in workers.values():
-            if connection.recv() != "ready":
-                raise SystemExit("a benchmark worker failed to start")
-        seconds = {"bloomtrain": [], "other": [], "loader": []}
-        steps_per_round = 1
-        for index in range(warmup + rounds):
-            if index == warmup:  # short steps run in rounds of about ROUND_SECONDS, which steadies their timing
-                fastest = min(min(seconds["bloomtrain"]), min(seconds["other"]))
-                steps_per_round = max(1, math.ceil(ROUND_SECONDS / fastest))
-                seconds = {"bloomtrain": [], "other": [], "loader": []}
-            workers["bloomtrain"][1].send(steps_per_round)
-            elapsed, loader, steps = workers["bloomtrain"][1].recv()
-            workers["other"][1].send(steps if against is None else steps_per_round)
-            their_elapsed, _, _ = workers["other"][1].recv()
-            seconds["bloomtrain"].append(elapsed / steps_per_round)
-            seconds["other"].append(their_elapsed / steps_per_round)
-            seconds["loader"].append(loader / steps_per_round)
+        try:
+            seconds, steps_per_round = _take_turns(workers, warmup, rounds, hand_over_batches=against is None)
+        except EOFError:
+            for process, _ in workers.values():
+                process.kill()
+            raise SystemExit("train_throughput: a worker process ended early (its error is above)") from None
         for process, connection in workers.values():
             connection.send(None)
             process.join()
