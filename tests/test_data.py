@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from bloomtrain.data.blend import Blend, BlendEntry, read_blend, temperature_weights, write_blend
-from bloomtrain.data.loader import BatchLayout, MicroBatchSampler
+from bloomtrain.data.loader import BatchLayout, MicroBatchSampler, step_batches
 from data_tools.sample import SAMPLE_CORPUS, SAMPLE_VOCAB_SIZE, prepare_sample, read_documents
 from data_tools.validation_split import split_key, validation_mask
 
@@ -133,6 +134,32 @@ def test_a_ramp_up_grows_the_batch_with_consumed_samples_as_megatron_does():
     assert _indices(layout, 0, 24) == [[2, 3], [6, 7], [12, 13], [14, 15], [20, 21], [22, 23]]
     assert _indices(layout, 8, 24) == _indices(layout, 0, 24)[2:]
     assert len(MicroBatchSampler(layout, 0, 24)) == 6
+
+
+class _NumberedSamples(torch.utils.data.Dataset):
+    """Sample i's tokens are i, i+1, ...; with megatron-core's extra keys, which training does not read."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tokens = torch.arange(index, index + 5)
+        return {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(5), "position_ids": torch.arange(5)}
+
+
+def test_a_loader_worker_hands_over_the_same_batches_as_the_trainer_reading_them_itself():
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    layout = BatchLayout(2, 4)
+    in_process, from_worker = (list(step_batches(_NumberedSamples(), layout, 8, 24, workers)) for workers in (0, 1))
+    assert len(in_process) == len(from_worker) == 4
+    for ours, theirs in zip(in_process, from_worker, strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.keys() == b.keys() == {"tokens", "labels"}
+            assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["labels"], b["labels"])
+            assert b["tokens"].dtype == torch.int64 and b["tokens"].shape == (2, 5)
+    assert in_process[0][0]["tokens"][:, 0].tolist() == [8, 9]  # the resume point, then the order
+    # Handing over arrays leaves torch's process-wide sharing strategy alone.
+    assert torch.multiprocessing.get_sharing_strategy() == strategy
 
 
 def test_a_ramp_up_that_does_not_divide_into_micro_batches_is_one_line():

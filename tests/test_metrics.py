@@ -41,9 +41,21 @@ def _long_matmul_flops(size: int = 4096, runs: int = 3, seconds: float = 1.5) ->
 
 
 def test_measured_peak_agrees_with_a_long_independent_measurement():
-    """The start-up probe against a separate, longer measurement with another size (before and after it)."""
-    before = _long_matmul_flops()
-    peak = device_peak(torch.device("cpu"), torch.float32)
-    independent = max(before, _long_matmul_flops())
-    assert "measured" in peak.source and f"{torch.get_num_threads()} threads" in peak.source
-    assert abs(peak.flops - independent) / independent < 0.15, (peak.flops, independent)
+    """The start-up probe against a separate, longer measurement taken just before and just after it.
+    This VM's speed can drop by a fifth for several seconds (seen once in CI: probe 119, reference 151
+    GFLOP/s); an attempt whose two reference measurements disagree by more than 8% was not taken under
+    steady conditions and is repeated, up to three times. Under steady conditions the probe must be
+    within 15%."""
+    attempts = []
+    for _ in range(3):
+        before = _long_matmul_flops()
+        peak = device_peak(torch.device("cpu"), torch.float32)
+        after = _long_matmul_flops()
+        assert "measured" in peak.source and f"{torch.get_num_threads()} threads" in peak.source
+        attempts.append((before, peak.flops, after))
+        if abs(before - after) / max(before, after) < 0.08:
+            break
+    else:
+        pytest.fail(f"the machine's matmul speed never held steady across an attempt: {attempts}")
+    independent = max(before, after)
+    assert abs(peak.flops - independent) / independent < 0.15, attempts

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -183,7 +184,7 @@ class StepBatches:
         micro_batches = []
         for _ in range(self._layout.micro_batches_at(self._position)):
             batch = next(self._batches)
-            micro_batches.append({"tokens": batch["tokens"], "labels": batch["labels"]})
+            micro_batches.append({key: torch.from_numpy(array) for key, array in batch.items()})
         self._position += self._layout.batch_at(self._position)
         return micro_batches
 
@@ -200,29 +201,26 @@ class StepBatches:
         atexit.unregister(self.close)
 
 
-def tokens_and_labels(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Collate only what training reads: megatron-core's samples also carry a loss mask and position
-    ids, and every tensor a worker hands over costs the main process a shared-memory transfer."""
-    return {"tokens": torch.stack([torch.as_tensor(s["tokens"]) for s in samples]),
-            "labels": torch.stack([torch.as_tensor(s["labels"]) for s in samples])}
+def tokens_and_labels(samples: list[dict]) -> dict[str, np.ndarray]:
+    """Collate only what training reads (megatron-core's samples also carry a loss mask and position
+    ids), as numpy arrays: a worker's arrays reach the trainer pickled through the loader's pipe, while
+    tensors would each go through a shared-memory segment the trainer has to open and map, waiting on
+    the worker to be scheduled beside its busy threads. A micro-batch of token ids is kilobytes."""
+    return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]).numpy()
+            for key in ("tokens", "labels")}
 
 
 def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, end_samples: int,
                  num_workers: int, offset: int = 0) -> StepBatches:
     """This rank's micro-batches, one list per optimizer step, from ``consumed_samples`` to ``end_samples``,
     reading ``offset`` samples further on."""
-    if num_workers:
-        # A worker's batch arrives through shared memory. The default strategy passes each tensor's file
-        # descriptor over a socket, a round trip to the worker per tensor, which waits for the worker to
-        # be scheduled beside the trainer's busy threads: 4.4 ms a step here, against 0.9 ms when the
-        # segment is opened by name (docs/benchmarks.md). torch's shm manager removes the names on exit.
-        torch.multiprocessing.set_sharing_strategy("file_system")
+    # No pinned memory on GPUs either: the batches are token ids, kilobytes whose copy to the device
+    # takes microseconds from pageable memory, and pinning each would cost more than it saves.
     loader = DataLoader(
         dataset,
         batch_sampler=MicroBatchSampler(layout, consumed_samples, end_samples, offset),
         num_workers=num_workers,
         collate_fn=tokens_and_labels,
-        pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         worker_init_fn=_leave_stop_signals_to_the_trainer if num_workers else None,
     )
