@@ -3,18 +3,21 @@
 A lone ``python -m bloomtrain.train`` still forms a process group (a world of one), because
 megatron-core's datasets and parallel layers ask ``torch.distributed`` for ranks. Under ``torchrun``
 the usual RANK / WORLD_SIZE / MASTER_* variables are used as given; under a bare ``srun`` they are
-made from SLURM's (``bloomtrain.slurm.rank_environment``).
+made from SLURM's (``slurm_rank_environment``).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from bloomtrain.console import library_prints
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class DistributedContext:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a single machine's rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -39,10 +43,8 @@ def prepare_environment() -> int:
     """Make sure RANK / WORLD_SIZE / MASTER_* are set (from SLURM's variables under a bare srun, a world
     of one when run alone); returns the world size."""
     if "RANK" not in os.environ:
-        from bloomtrain.slurm import rank_environment
-
-        os.environ.update(rank_environment() or dict(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())))
+        os.environ.update(slurm_rank_environment() or dict(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
     return int(os.environ["WORLD_SIZE"])
 
 
@@ -78,8 +80,9 @@ def init_distributed(device_preference: str = "auto", timeout_minutes: float = 1
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     import deepspeed
 
-    # DeepSpeed's comm layer adopts the torch group
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    # DeepSpeed's comm layer adopts the torch group (on CPU it builds, and announces, a communication op)
+    with library_prints():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return DistributedContext(rank, world_size, local_rank, device)
 
 
@@ -90,7 +93,20 @@ def shutdown_distributed(together: bool = True) -> None:
         return
     if together:
         dist.barrier()
-    from bloomtrain.parallel.groups import destroy_parallel_groups
-
-    destroy_parallel_groups()
     dist.destroy_process_group()
+
+
+def slurm_rank_environment() -> dict[str, str] | None:
+    """torch.distributed's variables from SLURM's under a bare ``srun python -m bloomtrain.train``
+    (None elsewhere): rank = SLURM_PROCID, world = the step's tasks, master = the step's first node."""
+    if "SLURM_STEP_NUM_TASKS" not in os.environ or "SLURM_PROCID" not in os.environ:
+        return None
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    listed = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
+    head = listed.stdout.split()[0] if listed.returncode == 0 and listed.stdout.split() else "127.0.0.1"
+    # Every task of a step must pick the same port without talking to each other: derive it from the ids.
+    job, step = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
+    port = os.environ.get("MASTER_PORT") or str(20000 + (job * 16 + step) % 30000)
+    return {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"), "MASTER_ADDR": os.environ.get("MASTER_ADDR", head),
+            "MASTER_PORT": port}

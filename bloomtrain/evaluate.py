@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from bloomtrain.checkpoint.hf import from_hf, is_hugging_face_dir
 from bloomtrain.checkpoint.store import CheckpointError, read_meta, resolve_checkpoint
+from bloomtrain.checkpoint.weights import checkpoint_model
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import load_config, to_validated
-from bloomtrain.convert import checkpoint_model, from_hf, is_hugging_face_dir
+from bloomtrain.console import route_library_notices
 from bloomtrain.data.tokenizer import tokenizer_fingerprint
 
 
@@ -46,9 +47,9 @@ def load_model_and_config(path: Path, overrides: list[str]) -> tuple[torch.nn.Mo
 def evaluate(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
     """``{"loss", "perplexity", "languages": {lang: {"loss", "perplexity", "tokens"}}}`` of the model at ``path``."""
     # megatron-core (datasets) is imported here, once main() has silenced its import-time notices.
+    from bloomtrain.data.blend import resolve_blend
     from bloomtrain.data.loader import BatchLayout, build_validation_datasets, load_tokenizer
     from bloomtrain.evaluation import MicroBatches, Validation
-    from bloomtrain.train import resolve_blend
 
     path = Path(path)
     model, config, scored_columns = load_model_and_config(path, list(overrides))
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config keys, e.g. data.blend=PATH eval.iters=20")
     parser.add_argument("--json", help="also write the result as JSON to this file ('-': stdout only)")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore", module=r"megatron\.")  # import-time notices, not about this model
+    route_library_notices()
     try:
         evaluation = evaluate(args.path, args.overrides)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:

@@ -3,7 +3,7 @@
 MFU divides the model's FLOPs (no recomputation counted) by the peak; HFU divides what the hardware
 really computes (with activation checkpointing, each block's forward once more) by the same peak.
 The peak comes, in this order, from ``train.peak_tflops``, a table of dense (never sparse) half-
-precision peaks of known GPUs, or a measurement: the best of 15 timed rounds of large square matmuls
+precision peaks of known GPUs (``gpus.py``), or a measurement: the best of 15 timed rounds of large square matmuls
 (5 rounds at each of three sizes: 2048, 3072, 4096 on CPU; 4096, 6144, 8192 on GPU) in the run's
 precision, each round long enough (0.2 s) that timer noise does not matter, with the threads the rank
 really has. A busy machine (a VM's neighbours included) can only slow a round down, so the best round is
@@ -19,10 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from bloomtrain.config import ModelConfig
-
-# Dense bf16/fp16 tensor-core peaks (no sparsity), in FLOP/s, by a substring of the device name.
-GPU_HALF_PRECISION_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10": 125e12,
-                            "L40": 181e12, "V100": 125e12, "MI250": 362e12, "MI300": 1307e12}
+from bloomtrain.gpus import gpu_for_device
 
 
 def model_flops_per_step(config: ModelConfig, sequences: int, seq_length: int) -> float:
@@ -59,10 +56,10 @@ def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: flo
     if configured_tflops:
         return Peak(configured_tflops * 1e12, f"train.peak_tflops={configured_tflops:g}")
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_HALF_PRECISION_PEAKS.items():
-            if key in name:
-                return Peak(peak, f"the dense {key} table entry ({peak / 1e12:g} TFLOP/s)")
+        gpu = gpu_for_device(torch.cuda.get_device_name(device))
+        if gpu is not None:
+            return Peak(gpu.half_precision_tflops * 1e12,
+                        f"the dense {gpu.device_name} table entry ({gpu.half_precision_tflops:g} TFLOP/s)")
     # On this 2-core CPU one size could read 10-15% below another in one process and not in the next
     # (BLAS blocking, memory layout); the best over three sizes is stable.
     sizes = (4096, 6144, 8192) if device.type == "cuda" else (2048, 3072, 4096)

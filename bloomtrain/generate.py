@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bloomtrain.checkpoint.store import TOKENIZER_DIR, CheckpointError, resolve_checkpoint
+from bloomtrain.console import route_library_notices
 from bloomtrain.data.tokenizer import TokenEncoder
 from bloomtrain.model import Bloom, KVCache
 
@@ -35,7 +36,8 @@ class Sampling:
 
 def load(path: str | Path) -> tuple[Bloom, TokenEncoder]:
     """The plain model at ``path`` (run, checkpoint of any layout, or Hugging Face directory) and its tokenizer."""
-    from bloomtrain.convert import checkpoint_model, from_hf, is_hugging_face_dir
+    from bloomtrain.checkpoint.hf import from_hf, is_hugging_face_dir
+    from bloomtrain.checkpoint.weights import checkpoint_model
 
     path = Path(path)
     if is_hugging_face_dir(path):
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    route_library_notices()
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         print("bloomtrain.generate: --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and "

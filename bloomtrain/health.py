@@ -1,4 +1,8 @@
-"""Steps whose loss or gradients are not finite: skipped, counted, and a stop when they keep coming.
+"""Is the run healthy? One verdict per step from the checks on its numbers, and heartbeats for the launcher.
+
+:class:`StepHealth` judges each step in the order that matters: a streak of non-finite steps, then
+weights that became non-finite, then a loss spike (with the injection that tests that guard). A step
+whose loss or gradients are not finite is skipped, counted, and the run stops when they keep coming.
 
 DeepSpeed's optimizer wrappers skip a step whose gradient norm is NaN/Inf (ZeRO >= 1, bf16, fp16),
 and bloomtrain's own clipping optimizer does the same under fp32 ZeRO 0
@@ -9,12 +13,16 @@ is the last good state — and exit with :data:`EXIT_DIVERGED`.
 
 fp16's loss-scale overflows are DeepSpeed's normal business (it lowers the scale and retries) and are
 not counted here unless the loss itself is not finite.
+
+:class:`Heartbeat` is a thread per rank that rewrites ``RUN_DIR/heartbeats/rank-N.json`` (the last
+finished step and the time); :func:`quiet_ranks` is how the launcher reads them to name a hung rank.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import json
 import math
 import threading
@@ -77,6 +85,52 @@ class LossSpikes:
     @property
     def threshold(self) -> float:
         return self.factor * max(self.recent)
+
+
+class Action(enum.Enum):
+    CARRY_ON = "carry on"
+    DIVERGED = "stop: non-finite steps in a row"
+    WEIGHTS_DIVERGED = "stop: non-finite weights"
+    ROLL_BACK = "roll back: a loss spike"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    skipped: bool
+    """The step's loss or gradients were not finite, so the optimizer skipped it."""
+    reason: str = ""
+
+
+class StepHealth:
+    """Every check on a step's numbers, one verdict out. Order matters: a non-finite streak ends the run
+    before anything else is looked at; weights that became NaN/Inf end it too; a loss spike asks for a
+    rollback; a lone non-finite step is skipped and training carries on."""
+
+    def __init__(self, max_skipped_steps: int, loss_scaling: bool, spike_factor: float = 0.0,
+                 spike_window: int = 50, inject_spike_at: list[int] = ()) -> None:
+        self.non_finite = NonFiniteSteps(max_skipped_steps)
+        self.loss_scaling = loss_scaling
+        self.spikes = LossSpikes(spike_factor, spike_window) if spike_factor else None
+        self.inject_spike_at = set(inject_spike_at)
+
+    def judge(self, step: int, loss: float, grad_norm: float | None, param_norm: float | None) -> Verdict:
+        diverged = self.non_finite.record(step, loss, grad_norm, self.loss_scaling)
+        skipped = self.non_finite.last_step_was_bad
+        if diverged:
+            return Verdict(Action.DIVERGED, skipped)
+        if param_norm is not None and not is_finite(param_norm):
+            return Verdict(Action.WEIGHTS_DIVERGED, skipped)
+        seen = loss
+        if step in self.inject_spike_at:
+            self.inject_spike_at.discard(step)  # once: the re-done step after a rollback is clean
+            seen *= 1000
+        if self.spikes is not None and math.isfinite(seen) and self.spikes.is_spike(seen):
+            recent = self.spikes.recent
+            return Verdict(Action.ROLL_BACK, skipped,
+                           f"loss spike at step {step}: loss {seen:.4f} > {self.spikes.factor:g} x {max(recent):.4f} "
+                           f"(the highest of the last {len(recent)} steps, train.loss_spike_factor)")
+        return Verdict(Action.CARRY_ON, skipped)
 
 
 HEARTBEAT_DIR = "heartbeats"

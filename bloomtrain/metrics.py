@@ -154,3 +154,25 @@ def start_wandb(run_dir: Path, config: WandbConfig, run_name: str, run_config: d
         config=run_config,
         settings=wandb.Settings(silent=True),
     )
+
+
+def summary_rows(run_dir: Path, latest_checkpoint: Path | None, wandb_files: Path | None,
+                 tensorboard: bool) -> dict[str, str]:
+    """What a finished run prints last: where its files are, and how each language's validation loss fell."""
+    rows = {
+        "run directory": str(run_dir.resolve()),
+        "metrics": str((run_dir / METRICS_FILE).resolve()),
+        "checkpoint": str(latest_checkpoint.resolve()) if latest_checkpoint else "(none)",
+        "W&B files": str(wandb_files or "(W&B disabled)"),
+    }
+    if tensorboard:
+        rows["TensorBoard"] = f"tensorboard --logdir {(run_dir / TENSORBOARD_DIR).resolve()}"
+    evaluations = read_metrics(run_dir, EVAL_FILE)
+    if evaluations:
+        first, last = evaluations[0], evaluations[-1]
+        rows["validation"] = (f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
+                              f"(step {last['step']}), {(run_dir / EVAL_FILE).resolve()}")
+        for language, values in last["languages"].items():
+            before = first["languages"].get(language, {}).get("loss", float("nan"))
+            rows[f"  valid {language}"] = f"loss {before:.3f} -> {values['loss']:.3f}"
+    return rows

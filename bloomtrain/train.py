@@ -11,16 +11,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bloomtrain.checkpoint.store import CheckpointError, CheckpointSaveError
-from bloomtrain.config import BloomTrainConfig, ConfigError, DataConfig
+from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import describe_keys, load_config, to_yaml
+from bloomtrain.console import route_library_notices
 from bloomtrain.distributed import shutdown_distributed
 from bloomtrain.parallel.cpu import apply_cpu_accommodations
-
-if TYPE_CHECKING:
-    from bloomtrain.data.blend import Blend
 
 USAGE = """usage: python -m bloomtrain.train [key=value ...] [group=name ...]
 
@@ -33,27 +30,6 @@ options:
 
 config keys:
 """
-
-
-def resolve_blend(data: DataConfig, is_main: bool) -> Blend:
-    """The run's blend: ``data.blend``, or with none the bundled sample, prepared on first use.
-
-    The sample is the entry point's business: preparing it trains a tokenizer with the data tools,
-    which the ``bloomtrain`` library itself never imports.
-    """
-    from bloomtrain.data.blend import read_blend
-
-    if data.blend is None:
-        from data_tools.sample import prepare_sample
-
-        if is_main:
-            logging.getLogger(__name__).info("no data.blend given: using the bundled multilingual sample "
-                                             "(cached in %s)", data.cache_dir)
-        return read_blend(prepare_sample(data.cache_dir))
-    try:
-        return read_blend(data.blend)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(str(error)) from None
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -86,6 +62,7 @@ def build_trainer(config: BloomTrainConfig):
     apply_cpu_accommodations()  # first: megatron-core warns at import time
     import torch
 
+    from bloomtrain.data.blend import resolve_blend
     from bloomtrain.distributed import init_distributed, prepare_environment
     from bloomtrain.parallel.engine import check_precision_supported
     from bloomtrain.parallel.groups import init_parallel_groups
@@ -108,6 +85,17 @@ def build_trainer(config: BloomTrainConfig):
     return Trainer(config, context, layout, resolve_blend(config.data, context.is_main))
 
 
+def _leave_process_groups(together: bool = True) -> None:
+    """megatron-core's groups, then the default one (nothing to leave when the run never formed them)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        from bloomtrain.parallel.groups import destroy_parallel_groups
+
+        destroy_parallel_groups()
+    shutdown_distributed(together)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--help" in args or "-h" in args:
@@ -124,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(to_yaml(config))
             return 0
+        check_run_dir_writable(config.run.dir)
+        route_library_notices(Path(config.run.dir) / "logs" / f"rank-{os.environ.get('RANK', '0')}.log")
         trainer = build_trainer(config)  # heavy imports only once the config is known to be good
     except ConfigError as error:
         print(f"bloomtrain: config error: {error}", file=sys.stderr)
-        shutdown_distributed()
+        _leave_process_groups()
         return 2
     except CheckpointError as error:
         print(f"bloomtrain: checkpoint error: {error}", file=sys.stderr)
-        shutdown_distributed()
+        _leave_process_groups()
         return 2
     status = None
     try:
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
         # After an error the peers may never reach the exit barrier; leave without it.
-        shutdown_distributed(together=status is not None)
+        _leave_process_groups(together=status is not None)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +40,14 @@ from bloomtrain.data.token_files import check_token_files
 from bloomtrain.distributed import DistributedContext
 from bloomtrain.evaluation import Validation
 from bloomtrain.flops import device_peak
-from bloomtrain.health import EXIT_DIVERGED, Heartbeat, LossSpikes, NonFiniteSteps, is_finite
-from bloomtrain.metrics import EVAL_FILE, METRICS_FILE, TENSORBOARD_DIR, MetricsLogger, read_metrics
+from bloomtrain.health import EXIT_DIVERGED, Action, Heartbeat, StepHealth, Verdict, is_finite
+from bloomtrain.metrics import MetricsLogger, summary_rows
 from bloomtrain.model.bloom import BloomBlock
 from bloomtrain.optim import build_optimizer, build_scheduler
 from bloomtrain.parallel.engine import StepResult, TrainingEngine
 from bloomtrain.parallel.layout import ParallelLayout
 from bloomtrain.parallel.parallelize import build_parallel_model
+from bloomtrain.plan import plan_table
 from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, StopRequests
 from bloomtrain.progress import StepProgress, notify, print_summary
 from bloomtrain.step_metrics import StepMeter
@@ -77,6 +78,17 @@ def build_engine(config: BloomTrainConfig, layout: ParallelLayout, device: torch
                                    config.train.global_batch_size)
 
 
+@dataclass
+class Step:
+    """One optimizer step's outcome and timings, as the loop passes it on."""
+
+    result: StepResult
+    batch: int
+    elapsed: float
+    data_wait: float
+    param_norm: float | None
+
+
 class Trainer:
     def __init__(self, config: BloomTrainConfig, context: DistributedContext, layout: ParallelLayout,
                  blend: Blend) -> None:
@@ -84,147 +96,160 @@ class Trainer:
         train = config.train
         self.stops = StopRequests(train.exit_duration_minutes)
         self.activity = "starting"  # what this rank is doing, for the message when a peer fails
-        self.injected: set[int] = set()  # steps whose loss train.inject_loss_spike_at has multiplied
         self.run_dir = Path(config.run.dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.heartbeat = Heartbeat(self.run_dir, context.rank)
+        self.health = StepHealth(train.max_skipped_steps, train.precision == "fp16", train.loss_spike_factor,
+                                 train.loss_spike_window, train.inject_loss_spike_at)
+        self._write_config()
+        self.tokenizer = self._check_data()
+        self._build_and_restore()
+        self._build_data()
+        self.metrics: MetricsLogger | None = None
         if context.is_main:
+            self._start_logging()
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _write_config(self) -> None:
+        if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(config))
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
 
-        check_token_files(blend, train.seq_length, train.max_steps * train.global_batch_size,
+    def _check_data(self):
+        """The token files fit the run, and the tokenizer fits the model; returns the tokenizer."""
+        config, train = self.config, self.config.train
+        check_token_files(self.blend, train.seq_length, train.max_steps * train.global_batch_size,
                           config.eval.iters * train.global_batch_size if config.eval.interval else 0)
-        self.tokenizer = load_tokenizer(blend.tokenizer)
-        if self.tokenizer.vocab_size > config.model.vocab_size:
+        tokenizer = load_tokenizer(self.blend.tokenizer)
+        if tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
-                f"{config.model.vocab_size}; set model.vocab_size>={self.tokenizer.vocab_size}")
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                f"{config.model.vocab_size}; set model.vocab_size>={tokenizer.vocab_size}")
+        return tokenizer
 
-        self.checkpoints = CheckpointManager(config.checkpoint, self.run_dir, layout, config.model, blend.tokenizer,
-                                             run_config_yaml=to_yaml(config))
+    def _build_and_restore(self) -> None:
+        """What the run starts from decides the model; then the engine, and where training stands."""
+        config = self.config
+        self.checkpoints = CheckpointManager(config.checkpoint, self.run_dir, self.layout, config.model,
+                                             self.blend.tokenizer, run_config_yaml=to_yaml(config))
         resume = self.checkpoints.plan_resume()
-        self.engine, self.scheduler = build_engine(config, layout, context.device, resume)
+        self.engine, self.scheduler = build_engine(config, self.layout, self.context.device, resume)
         self.progress = self.checkpoints.restore(resume, self.engine.engine, self.scheduler)
 
-        self.batch_layout = BatchLayout(train.micro_batch_size, train.global_batch_size, layout.data,
+    def _build_data(self) -> None:
+        config, train = self.config, self.config.train
+        self.batch_layout = BatchLayout(train.micro_batch_size, train.global_batch_size, self.layout.data,
                                         parallel_state.get_data_parallel_rank(),
                                         tuple(train.rampup_batch_size) if train.rampup_batch_size else None)
         self.run_samples = self.batch_layout.samples_for(train.max_steps)
         # Room for the samples loss-spike rollbacks pass over (at most a checkpoint interval each).
         spare_steps = train.loss_spike_max_rollbacks * config.checkpoint.interval if train.loss_spike_factor else 0
         self.total_samples = self.run_samples + spare_steps * train.global_batch_size
-        self.dataset = build_train_dataset(blend, self.tokenizer, train.seq_length, self.total_samples,
+        self.dataset = build_train_dataset(self.blend, self.tokenizer, train.seq_length, self.total_samples,
                                            train.seed, self.run_dir / "data_index")
         self.batches = self._batches_from(self.progress)
         self.validation = self._build_validation()
-        self.metrics: MetricsLogger | None = None
-        if context.is_main:
-            # Measured before W&B starts its service process, which would compete for the cores. Each
-            # rank's peak is measured with the threads it has (on CPU the launcher splits the cores
-            # between ranks); MFU divides the per-device FLOP/s by it, as on GPUs.
-            self._log_plan()
-            peak = device_peak(context.device, DTYPES[train.precision], train.peak_tflops)
-            logger.info("MFU's peak: %s", peak.source)
-            self.meter = StepMeter(config.model, train, config.parallel.activation_checkpointing, peak,
-                                   context.world_size, blend, self.dataset)
-            self.metrics = MetricsLogger(self.run_dir, config.logging, config.run.name,
-                                         dataclasses.asdict(config), self.progress.step, self.progress.wandb_run_id)
-            self.progress.wandb_run_id = self.metrics.wandb_run_id
-            self.wandb_files = Path(self.metrics.wandb_dir).parent if self.metrics.wandb_dir else None
+
+    def _start_logging(self) -> None:
+        """Rank 0: the plan, MFU's peak, then the metrics sinks. The peak is measured before W&B starts its
+        service process, which would compete for the cores; each rank's peak is measured with the threads
+        it has (on CPU the launcher splits the cores between ranks), and MFU divides the per-device FLOP/s
+        by it, as on GPUs."""
+        config, train = self.config, self.config.train
+        logger.info("the plan, sized for launch.gpu=%s (docs/planning.md):\n%s", config.launch.gpu,
+                    plan_table(config, self.layout.data))
+        peak = device_peak(self.context.device, DTYPES[train.precision], train.peak_tflops)
+        logger.info("MFU's peak: %s", peak.source)
+        self.meter = StepMeter(config.model, train, config.parallel.activation_checkpointing, peak,
+                               self.context.world_size, self.blend, self.dataset)
+        self.metrics = MetricsLogger(self.run_dir, config.logging, config.run.name, dataclasses.asdict(config),
+                                     self.progress.step, self.progress.wandb_run_id)
+        self.progress.wandb_run_id = self.metrics.wandb_run_id
+        self.wandb_files = Path(self.metrics.wandb_dir).parent if self.metrics.wandb_dir else None
+
+    # ------------------------------------------------------------------------------------------- loop
 
     def train(self) -> int:
         """Train to ``train.max_steps``; returns the process exit status (0; EXIT_RESUMABLE after a stop;
-        EXIT_DIVERGED after ``train.max_skipped_steps`` non-finite steps in a row)."""
-        train = self.config.train
-        status = 0
-        progress = self.progress
-        non_finite = NonFiniteSteps(train.max_skipped_steps)
-        spikes = LossSpikes(train.loss_spike_factor, train.loss_spike_window) if train.loss_spike_factor else None
-        loss_scaling = train.precision == "fp16"
-        display = StepProgress(train.max_steps, progress.step, self.config.logging.interval,
+        EXIT_DIVERGED after ``train.max_skipped_steps`` non-finite steps in a row, or a spike with no
+        rollback left)."""
+        status: int | None = None
+        display = StepProgress(self.config.train.max_steps, self.progress.step, self.config.logging.interval,
                                enabled=self.context.is_main)
         with display:
-            while progress.step < train.max_steps:
-                started = time.perf_counter()
-                self.activity = "in the training step"
-                batch = self.batch_layout.batch_at(progress.consumed_samples)
-                if batch != self.engine.engine.train_batch_size():  # a ramp-up step: fewer micro-batches
-                    self.engine.engine.set_train_batch_size(batch)
-                self.scheduler.step(batch)  # the schedule counts samples: step k trains with lr(k)
-                micro_batches = next(self.batches)
-                data_wait = time.perf_counter() - started
-                result = self.engine.train_step(micro_batches)
-                elapsed = time.perf_counter() - started
-                param_norm = self.engine.parameter_norm()  # collective: every rank
-                diverged = non_finite.record(progress.step + 1, result.loss, result.grad_norm, loss_scaling)
-                if non_finite.last_step_was_bad:
-                    progress.nonfinite_steps += 1
-                    if not diverged:
-                        self._note_skipped_step(result)
-                self._log_step(result, batch, elapsed, data_wait, param_norm, display)
-                if diverged:
-                    status = self._stop_diverged(non_finite)
-                    break
-                self.heartbeat.step = progress.step
-                if param_norm is not None and not is_finite(param_norm):
-                    status = self._stop_diverged(non_finite, weights=True)
-                    break
-                seen = result.loss
-                if progress.step in train.inject_loss_spike_at and progress.step not in self.injected:
-                    self.injected.add(progress.step)  # once: the re-done step after a rollback is clean
-                    seen *= 1000
-                if spikes is not None and math.isfinite(seen) and spikes.is_spike(seen):
-                    status = self._roll_back(seen, spikes)
-                    if status is not None:
-                        break
-                    progress = self.progress
-                    continue
-                patience_exhausted = self._evaluate_if_due() and progress.step < train.max_steps
-                interval = self.config.checkpoint.interval
-                saved = progress.step == train.max_steps or bool(interval and progress.step % interval == 0)
-                if saved and non_finite.last_step_was_bad:
-                    # The newest checkpoint stays the last one before the streak (saving resumes with it).
-                    saved = False
-                    if self.context.is_main:
-                        logger.warning("step %d: no checkpoint after a NaN/Inf step", progress.step)
-                if saved or patience_exhausted:
-                    self.activity = "saving a checkpoint"
-                    self.save()
-                if patience_exhausted:
-                    if self.context.is_main:
-                        notify(f"stopped early after step {progress.step}: validation loss has not improved on "
-                               f"{progress.best_valid_loss:.4f} for {self.config.eval.early_stop_patience} "
-                               "evaluations (eval.early_stop_patience); checkpoint saved")
-                    break
-                self.activity = "agreeing on whether to stop"
-                reason = self.stops.agreed_reason(self.context.device)
-                if reason is not None and progress.step < train.max_steps:
-                    if not saved:
-                        self.save()
-                    if self.context.is_main:
-                        record = {"step": progress.step, "reason": reason, "exit_status": EXIT_RESUMABLE}
-                        (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
-                        notify(f"stopped after step {progress.step} ({reason}); checkpoint saved, "
-                               f"exiting with status {EXIT_RESUMABLE} so the job can be requeued")
-                    status = EXIT_RESUMABLE
-                    break
+            while status is None and self.progress.step < self.config.train.max_steps:
+                step = self.train_step()
+                verdict = self.health.judge(self.progress.step + 1, step.result.loss, step.result.grad_norm,
+                                            step.param_norm)
+                self._count_skipped(verdict, step.result)
+                self._log_step(step, display)
+                self.heartbeat.step = self.progress.step
+                if verdict.action in (Action.DIVERGED, Action.WEIGHTS_DIVERGED):
+                    status = self._stop_diverged(verdict)
+                elif verdict.action is Action.ROLL_BACK:
+                    status = self._roll_back(verdict)
+                else:
+                    stop_early = self._evaluate_if_due()
+                    status = self._checkpoint_and_decide_exit(verdict, stop_early)
         self.stops.restore()
         if self.metrics is not None:
             self.metrics.close()
             self._print_summary()
-        return status
+        return status or 0
 
-    def _log_plan(self) -> None:
-        from bloomtrain.plan import layout_of, plan_of
+    def train_step(self) -> Step:
+        """One optimizer step over the next global batch (collective: every rank)."""
+        started = time.perf_counter()
+        self.activity = "in the training step"
+        batch = self.batch_layout.batch_at(self.progress.consumed_samples)
+        if batch != self.engine.engine.train_batch_size():  # a ramp-up step: fewer micro-batches
+            self.engine.engine.set_train_batch_size(batch)
+        self.scheduler.step(batch)  # the schedule counts samples: step k trains with lr(k)
+        micro_batches = next(self.batches)
+        data_wait = time.perf_counter() - started
+        result = self.engine.train_step(micro_batches)
+        elapsed = time.perf_counter() - started
+        return Step(result, batch, elapsed, data_wait, self.engine.parameter_norm())
 
-        try:
-            table = plan_of(self.config, layout_of(self.config, self.layout.data)).table()
-        except ConfigError as error:
-            logger.warning("no plan: %s", error)
-            return
-        logger.info("the plan, sized for launch.gpu=%s (docs/planning.md):\n%s", self.config.launch.gpu, table)
+    def _checkpoint_and_decide_exit(self, verdict: Verdict, stop_early: bool) -> int | None:
+        """Save when due (never right after a skipped step: the newest checkpoint stays the last one before
+        it) or when stopping; then agree with every rank on a stop request. The exit status, or None."""
+        progress, train, interval = self.progress, self.config.train, self.config.checkpoint.interval
+        stop_early = stop_early and progress.step < train.max_steps  # the last step saves anyway
+        due = progress.step == train.max_steps or bool(interval and progress.step % interval == 0)
+        if due and verdict.skipped:
+            due = False
+            if self.context.is_main:
+                logger.warning("step %d: no checkpoint after a NaN/Inf step", progress.step)
+        if due or stop_early:
+            self.activity = "saving a checkpoint"
+            self.save()
+        if stop_early:
+            if self.context.is_main:
+                notify(f"stopped early after step {progress.step}: validation loss has not improved on "
+                       f"{progress.best_valid_loss:.4f} for {self.config.eval.early_stop_patience} "
+                       "evaluations (eval.early_stop_patience); checkpoint saved")
+            return 0
+        self.activity = "agreeing on whether to stop"
+        reason = self.stops.agreed_reason(self.context.device)
+        if reason is None or progress.step >= train.max_steps:
+            return None
+        if not due:
+            self.save()
+        self._record_stop(reason, EXIT_RESUMABLE)
+        if self.context.is_main:
+            notify(f"stopped after step {progress.step} ({reason}); checkpoint saved, "
+                   f"exiting with status {EXIT_RESUMABLE} so the job can be requeued")
+        return EXIT_RESUMABLE
 
-    def _roll_back(self, loss: float, spikes: LossSpikes) -> int | None:
+    def _record_stop(self, reason: str, status: int) -> None:
+        """``RUN_DIR/stopped.json``: why and how the run stopped, for the launcher and job scripts."""
+        if self.context.is_main:
+            record = {"step": self.progress.step, "reason": reason, "exit_status": status}
+            (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
+
+    def _roll_back(self, verdict: Verdict) -> int | None:
         """Collective: load the newest checkpoint into the running engine and read on from the data position
         reached, passing over every sample read since that checkpoint. None to carry on, or EXIT_DIVERGED."""
         train, old = self.config.train, self.progress
@@ -232,18 +257,15 @@ class Trainer:
         position = old.consumed_samples + old.skipped_samples
         spare = self.total_samples - self.run_samples
         skipped = position - plan.meta.progress.consumed_samples if plan else 0
-        why = (f"loss spike at step {old.step}: loss {loss:.4f} > {spikes.factor:g} x {max(spikes.recent):.4f} "
-               f"(the highest of the last {len(spikes.recent)} steps, train.loss_spike_factor)")
         if plan is None or old.loss_spikes >= train.loss_spike_max_rollbacks or skipped > spare:
             reason = ("no checkpoint of this run under this layout to roll back to" if plan is None else
                       f"train.loss_spike_max_rollbacks={train.loss_spike_max_rollbacks} used up"
                       if old.loss_spikes >= train.loss_spike_max_rollbacks else
                       f"skipping {skipped} more samples would run past the data prepared for rollbacks")
             if self.context.is_main:
-                notify(f"training diverged: {why}; {reason}. Stopping with nothing saved after it; lower "
-                       "optimizer.lr or check the data, then restart (checkpoint.resume=PATH for an older one)")
-                (self.run_dir / STOP_RECORD).write_text(json.dumps(
-                    {"step": old.step, "reason": "loss spike", "exit_status": EXIT_DIVERGED}) + "\n")
+                notify(f"training diverged: {verdict.reason}; {reason}. Stopping with nothing saved after it; "
+                       "lower optimizer.lr or check the data, then restart (checkpoint.resume=PATH for an older one)")
+            self._record_stop("loss spike", EXIT_DIVERGED)
             return EXIT_DIVERGED
         passed_over = position - (plan.meta.progress.consumed_samples + plan.meta.progress.skipped_samples)
         restored = self.checkpoints.restore(plan, self.engine.engine, self.scheduler)
@@ -256,22 +278,26 @@ class Trainer:
         self.heartbeat.step = restored.step
         if self.metrics is not None:
             self.metrics.rewind(restored.step)
-            notify(f"{why}; rolled back to {plan.checkpoint.name} and passed over the {passed_over} samples "
-                   f"read since (rollback {restored.loss_spikes} of {train.loss_spike_max_rollbacks})")
+            notify(f"{verdict.reason}; rolled back to {plan.checkpoint.name} and passed over the {passed_over} "
+                   f"samples read since (rollback {restored.loss_spikes} of {train.loss_spike_max_rollbacks})")
         return None
 
-    def _note_skipped_step(self, result: StepResult) -> None:
-        if self.context.is_main:
+    def _count_skipped(self, verdict: Verdict, result: StepResult) -> None:
+        if not verdict.skipped:
+            return
+        self.progress.nonfinite_steps += 1
+        if verdict.action is not Action.DIVERGED and self.context.is_main:
             logger.warning("step %d skipped: loss %s, gradient norm %s (weights and optimizer state untouched; "
                            "the run stops after train.max_skipped_steps=%d such steps in a row)",
                            self.progress.step + 1, result.loss, result.grad_norm, self.config.train.max_skipped_steps)
 
-    def _stop_diverged(self, non_finite: NonFiniteSteps, weights: bool = False) -> int:
+    def _stop_diverged(self, verdict: Verdict) -> int:
         """Stop without saving: the newest checkpoint is the last good state."""
         if self.context.is_main:
             latest = latest_checkpoint(self.checkpoints_dir)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
-            if weights:
+            non_finite = self.health.non_finite
+            if verdict.action is Action.WEIGHTS_DIVERGED:
                 what = f"the weights became NaN/Inf at step {self.progress.step}"
             else:
                 what = (f"the loss or gradients were NaN/Inf for {non_finite.in_a_row} steps in a row (steps "
@@ -279,28 +305,27 @@ class Trainer:
                         f"{self.config.train.max_skipped_steps})")
             notify(f"training diverged: {what}; nothing saved after it, {kept}. Lower optimizer.lr (now "
                    f"{self.config.optimizer.lr:g}) or check the data, then restart: it resumes from that checkpoint")
-            record = {"step": self.progress.step, "reason": "diverged", "exit_status": EXIT_DIVERGED}
-            (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
+        self._record_stop("diverged", EXIT_DIVERGED)
         return EXIT_DIVERGED
 
-    def _log_step(self, result: StepResult, batch: int, elapsed: float, data_wait: float, param_norm: float | None,
-                  display: StepProgress) -> None:
-        progress, train = self.progress, self.config.train
+    def _log_step(self, step: Step, display: StepProgress) -> None:
+        progress, train, result = self.progress, self.config.train, step.result
         if self.metrics is not None:
-            step_tokens = self.meter.tokens_by_language(progress.consumed_samples + progress.skipped_samples, batch)
+            step_tokens = self.meter.tokens_by_language(progress.consumed_samples + progress.skipped_samples,
+                                                        step.batch)
             for language, count in step_tokens.items():
                 progress.tokens_by_language[language] = progress.tokens_by_language.get(language, 0) + count
         progress.step += 1
-        progress.consumed_samples += batch
-        progress.consumed_tokens += batch * train.seq_length
+        progress.consumed_samples += step.batch
+        progress.consumed_tokens += step.batch * train.seq_length
         if self.metrics is None:
             return
         metrics = self.meter.metrics(
             loss=result.loss, lr=self.engine.optimizer.param_groups[0]["lr"],
             grad_norm=result.grad_norm if is_finite(result.grad_norm) else None,
-            param_norm=param_norm, loss_scale=self.engine.loss_scale(), skipped_steps=self.engine.skipped_steps(),
-            nonfinite_steps=progress.nonfinite_steps, batch_size=batch, elapsed=elapsed, data_wait=data_wait,
-            optimizer_s=result.optimizer_s,
+            param_norm=step.param_norm, loss_scale=self.engine.loss_scale(),
+            skipped_steps=self.engine.skipped_steps(), nonfinite_steps=progress.nonfinite_steps,
+            batch_size=step.batch, elapsed=step.elapsed, data_wait=step.data_wait, optimizer_s=result.optimizer_s,
             consumed_samples=progress.consumed_samples, consumed_tokens=progress.consumed_tokens,
             tokens_by_language=progress.tokens_by_language, device=self.context.device)
         self.metrics.log(metrics, progress.step)
@@ -364,21 +389,4 @@ class Trainer:
 
     def _print_summary(self) -> None:
         latest = latest_checkpoint(self.checkpoints_dir)
-        rows = {
-            "run directory": str(self.run_dir.resolve()),
-            "metrics": str((self.run_dir / METRICS_FILE).resolve()),
-            "checkpoint": str(latest.resolve()) if latest else "(none)",
-            "W&B files": str(self.wandb_files or "(W&B disabled)"),
-        }
-        if self.config.logging.tensorboard:
-            rows["TensorBoard"] = f"tensorboard --logdir {(self.run_dir / TENSORBOARD_DIR).resolve()}"
-        evaluations = read_metrics(self.run_dir, EVAL_FILE)
-        if evaluations:
-            first, last = evaluations[0], evaluations[-1]
-            rows["validation"] = (f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
-                                  f"(step {last['step']}), {(self.run_dir / EVAL_FILE).resolve()}")
-            for language, values in last["languages"].items():
-                before = first["languages"].get(language, {}).get("loss", float("nan"))
-                rows[f"  valid {language}"] = f"loss {before:.3f} -> {values['loss']:.3f}"
-        print_summary(rows)
-
+        print_summary(summary_rows(self.run_dir, latest, self.wandb_files, self.config.logging.tensorboard))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bloomtrain.distributed import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Keep W&B and every cache inside the test's temporary folders, never in the user's home.
@@ -65,10 +67,10 @@ def run_torchrun(processes: int, overrides: list[str], check: bool = True, timeo
                  env: dict[str, str] | None = None, module: str = "bloomtrain.train") -> subprocess.CompletedProcess:
     """Run ``torchrun --nproc_per_node N -m MODULE`` on 127.0.0.1 (gloo on CPU)."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
-    if module in ("bloomtrain.train", "tests.cpu_fp16"):
+    if module in ("bloomtrain.train", "tests.cpu_fp16", "tests.distributed_checks"):
         overrides = with_a_given_peak(overrides)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module, *overrides]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module, *overrides]
     result = run_process(command, REPO, full_env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
@@ -79,7 +81,7 @@ def run_torchrun(processes: int, overrides: list[str], check: bool = True, timeo
 def run_process(command: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     """Run ``command`` to the end; on a timeout end it and every process under it (torchrun's ranks sit in
     sessions of their own, and a rank left spinning would slow every later test), then fail."""
-    from bloomtrain.launch import end_process_tree
+    from bloomtrain.launch.local import end_process_tree
 
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
@@ -91,14 +93,6 @@ def run_process(command: list[str], cwd: Path, env: dict[str, str], timeout: flo
         raise AssertionError(f"{' '.join(command[:4])}... did not finish in {timeout:.0f} s:\n{stdout[-3000:]}\n"
                              f"{stderr[-5000:]}") from None
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def save_byte_level_bpe(texts: list[str], vocab_size: int, out_dir: Path, **special_tokens: str) -> Path:

@@ -4,8 +4,10 @@
 
 Each rank writes OUT_DIR/rank_R.json with its coordinates, its parameter count, the numel of its
 word-embedding shard, the sequence length its first block's LayerNorm saw (split under sequence
-parallelism) and whether every tensor-replicated parameter is bitwise equal across its tensor group
-after training.
+parallelism), how often that LayerNorm ran per micro-batch (twice with activation checkpointing: the
+forward, then the recomputation in backward), the graphs torch.compile made (``train.compile``), and
+whether every tensor-replicated parameter is bitwise equal across its tensor group after training.
+The run's metrics.jsonl is written as by any run.
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ def main() -> None:
     out_dir = Path(sys.argv[1])
     trainer = build_trainer(load_config(sys.argv[2:]))
     norms = [m for name, m in trainer.engine.module.named_modules() if name.endswith("input_layernorm")]
-    seen_lengths = set()
+    seen_lengths, calls = set(), []
     if norms:
-        norms[0].register_forward_hook(lambda module, inputs, output: seen_lengths.add(inputs[0].shape[0]))
+        def seen(module, inputs, output):
+            seen_lengths.add(inputs[0].shape[0])
+            calls.append(1)
+
+        norms[0].register_forward_hook(seen)
     trainer.train()
+    train = trainer.config.train
+    micro_batches = trainer.progress.step * train.global_batch_size // (train.micro_batch_size * trainer.layout.data)
     group = parallel_state.get_tensor_model_parallel_group()
     replicated = [p for p in trainer.engine.module.parameters() if getattr(p, "_bloomtrain_synced", False)]
     all_equal = True
@@ -53,6 +61,8 @@ def main() -> None:
         "replicated_tensors": len(replicated),
         "replicated_equal": bool(all_equal),
         "layernorm_seq_lengths": sorted(seen_lengths),
+        "layernorm_calls_per_micro_batch": len(calls) / micro_batches,
+        "compiled_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank_{dist.get_rank()}.json").write_text(json.dumps(report))

@@ -22,9 +22,19 @@ def test_flops_counts_follow_the_published_formula():
     assert hardware_flops_per_step(config, 2048, 2048, recompute=False) == flops
 
 
-def test_configured_and_tabled_peaks_win_over_measuring():
+def test_configured_and_tabled_peaks_win_over_measuring(monkeypatch):
     peak = device_peak(torch.device("cpu"), torch.float32, configured_tflops=1.5)
     assert peak.flops == 1.5e12 and "train.peak_tflops" in peak.source
+    # A GPU in the table (gpus.py) is not measured: its dense half-precision peak is taken as it is.
+    # No GPU here, so the device name is all that is faked; measuring would fail on a CUDA device.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    tabled = device_peak(torch.device("cuda", 0), torch.bfloat16)
+    assert tabled.flops == 312e12 and "A100 table entry" in tabled.source
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    assert device_peak(torch.device("cuda", 0), torch.float16).flops == 125e12  # A10, not A100's row
+
+
+@pytest.mark.slow  # about 45 s of matmuls
 
 
 def _long_matmul_flops(size: int = 4096, runs: int = 3, seconds: float = 1.5) -> float:

@@ -14,9 +14,9 @@ import pytest
 
 from bloomtrain.config import ConfigError
 from bloomtrain.config_loader import load_config
-from bloomtrain.launch import process_count
+from bloomtrain.launch.slurm import job_script
 from bloomtrain.metrics import read_metrics
-from bloomtrain.slurm import job_script
+from bloomtrain.parallel.layout import process_count
 from tests.conftest import REPO, no_eval_unless_asked, run_torchrun, with_a_given_peak
 
 STEPS = 40

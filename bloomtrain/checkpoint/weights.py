@@ -27,6 +27,7 @@ from bloomtrain.checkpoint.store import (
 )
 from bloomtrain.config import ModelConfig
 from bloomtrain.data.tokenizer import install_tokenizer, tokenizer_fingerprint
+from bloomtrain.model import Bloom, build_model
 from bloomtrain.parallel.names import pipeline_layers, plain_name_of_layer, shard_dim
 
 MODEL_STATES = "mp_rank_{tensor:02d}_model_states.pt"
@@ -84,3 +85,11 @@ def write_model_only_checkpoint(checkpoints_dir: Path, model: torch.nn.Module, m
     write_manifest(final, {name: file_digest(final / name) for name in list_files(final)})
     write_atomically(checkpoints_dir / LATEST, final.name)
     return final
+
+
+def checkpoint_model(checkpoint: Path) -> Bloom:
+    """The single-process model holding a bloomtrain checkpoint's weights (any layout, padded vocabulary kept)."""
+    meta = read_meta(checkpoint)
+    model = build_model(meta.model, padded_vocab_size=meta.padded_vocab_size)
+    model.load_state_dict(read_model_weights(checkpoint))
+    return model

@@ -15,9 +15,14 @@ megatron-core's ``MegatronTokenizer`` loads: a sentencepiece model's file, or a 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bloomtrain.config import ConfigError, DataConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,3 +100,21 @@ def read_blend(path: str | Path) -> Blend:
     if not Path(blend.tokenizer).exists():
         raise FileNotFoundError(f"data.blend={path}: missing tokenizer {blend.tokenizer}")
     return blend
+
+
+def resolve_blend(data: DataConfig, is_main: bool) -> Blend:
+    """The run's blend: ``data.blend``, or with none the bundled sample, prepared on first use.
+
+    Preparing the sample trains a tokenizer with the data tools: the one place the library reaches into
+    ``data_tools`` (an import-linter contract allows it here alone).
+    """
+    if data.blend is None:
+        from data_tools.sample import prepare_sample
+
+        if is_main:
+            logger.info("no data.blend given: using the bundled multilingual sample (cached in %s)", data.cache_dir)
+        return read_blend(prepare_sample(data.cache_dir))
+    try:
+        return read_blend(data.blend)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error)) from None

@@ -5,11 +5,10 @@ accommodation is for:
 
 1. :func:`apply_cpu_accommodations`, called once by the training entry point before megatron-core is
    imported:
-   - megatron-core allocates some buffers with ``device=torch.cuda.current_device()`` (all-gather
-     outputs in ``tensor_parallel/mappings.py`` and ``layers.py``); on a CPU-only build that call
-     raises, so it is routed to the CPU;
-   - megatron-core warns at import that Transformer Engine and Apex are missing; on CPU its plain
-     PyTorch fallbacks are exactly what runs, so the warning is noise there (on GPUs it stays).
+   megatron-core allocates some buffers with ``device=torch.cuda.current_device()`` (all-gather
+   outputs in ``tensor_parallel/mappings.py`` and ``layers.py``); on a CPU-only build that call
+   raises, so it is routed to the CPU. (Which library notices reach the terminal is
+   ``bloomtrain/console.py``'s business.)
 2. :func:`initialize_on_cpu`: megatron-core's parallel layers are created with
    ``use_cpu_initialization`` (``tensor_parallel.megatron_layer_config``), which puts their
    parameters on the CPU instead of the current CUDA device.
@@ -23,8 +22,6 @@ its loss scaling on CPU (``tests/cpu_fp16.py``).
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 _applied = False
@@ -35,7 +32,6 @@ def apply_cpu_accommodations() -> None:
     if _applied or torch.cuda.is_available():
         return
     torch.cuda.current_device = lambda: torch.device("cpu")
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     _applied = True
 
 

@@ -27,7 +27,6 @@ def gradient_bucket_elements(parameters: int) -> int:
     return max(1, min(DEEPSPEED_REDUCE_BUCKET, parameters))
 
 
-
 @dataclass(frozen=True)
 class ParallelLayout:
     tensor: int
@@ -87,3 +86,28 @@ def resolve_layout(config: BloomTrainConfig, world_size: int) -> ParallelLayout:
         raise ConfigError(f"parallel.sequence_parallel=true splits train.seq_length={train.seq_length} over "
                           f"parallel.tensor={tensor} ranks; make the sequence length a multiple of {tensor}")
     return ParallelLayout(tensor, pipeline, data, parallel.zero_stage, sequence_parallel)
+
+
+def process_count(config: BloomTrainConfig) -> int:
+    """All ranks of the run, over every node."""
+    import torch
+
+    parallel, launch = config.parallel, config.launch
+    model_parallel = parallel.tensor * parallel.pipeline
+    if launch.processes is not None:
+        return launch.processes
+    if parallel.data != "auto":
+        total = model_parallel * int(parallel.data)
+    else:
+        if config.launcher == "slurm":
+            per_node = launch.slurm.gpus_per_node
+            if not per_node:
+                raise ConfigError("launcher=slurm with parallel.data=auto needs launch.slurm.gpus_per_node "
+                                  "(GPU nodes), or parallel.data / launch.processes (CPU nodes)")
+        else:
+            per_node = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        total = max(per_node * launch.nodes // model_parallel, 1) * model_parallel
+    if total % launch.nodes:
+        raise ConfigError(f"{total} processes do not divide evenly over launch.nodes={launch.nodes}; "
+                          "change parallel.data or launch.nodes")
+    return total

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import sys
-import warnings
 
 from bloomtrain.config import ConfigError
+from bloomtrain.console import route_library_notices
 from data_tools.pipeline.config import load_pipeline_config
 from data_tools.pipeline.stages import TaskFailed
 from data_tools.steps.read import InputError
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The data tools use megatron-core for tokenizer metadata and index files only; its notice about
-    # fused training kernels (Transformer Engine, Apex) does not concern them.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    route_library_notices()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config = load_pipeline_config(args)

@@ -59,7 +59,7 @@ class Launch:
         try:
             stdout, stderr = self.process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            from bloomtrain.launch import end_process_tree
+            from bloomtrain.launch.local import end_process_tree
 
             end_process_tree(self.process.pid, grace_seconds=2)
             raise AssertionError(f"the launcher did not exit within {timeout} s") from None

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from bloomtrain.checkpoint import store
+from bloomtrain.distributed import free_port
 from bloomtrain.metrics import read_metrics
-from tests.conftest import REPO, _free_port, run_torchrun, run_train, with_a_given_peak
+from bloomtrain.preemption import StopRequests
+from tests.conftest import REPO, run_torchrun, run_train, with_a_given_peak
 from tests.faults.helpers import tiny_run
 
 
@@ -26,8 +28,8 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def _start_torchrun(processes: int, overrides: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "bloomtrain.train",
+    command = [sys.executable, "-m", "bloomtrain.launch.torchrun", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "bloomtrain.train",
                *with_a_given_peak(overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -73,19 +75,32 @@ def test_sigkill_then_restart_resumes_exactly(tmp_path, sample_cache):
         assert resumed["lr"] == pytest.approx(uninterrupted["lr"], rel=1e-9)
 
 
+def test_each_stop_signal_is_a_stop_request():
+    """SIGTERM (preemption, scancel), SIGUSR1 (SLURM's warning before the time limit) and SIGINT (Ctrl-C) all
+    ask for a stop with a checkpoint; the run below shows what a stop request does."""
+    stops = StopRequests()
+    try:
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            stops.received = None
+            os.kill(os.getpid(), signum)
+            assert stops.received == signal.Signals(signum).name
+    finally:
+        stops.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT],
-                         ids=["SIGTERM", "SIGUSR1", "SIGINT"])
-def test_stop_signal_saves_and_exits_75(signum, tmp_path, sample_cache):
+def test_stop_signal_saves_and_exits_75(tmp_path, sample_cache):
     run_dir = tmp_path / "run"
     process = _start_torchrun(2, tiny_run(run_dir, sample_cache, "train.max_steps=300", "checkpoint.interval=0"))
     _wait_for(lambda: len(_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False)
-    # As SLURM does: every process of the job step gets the signal (torchrun also passes it on).
-    subprocess.run(["pkill", f"-{signal.Signals(signum).name.removeprefix('SIG')}", "-f", f"run.dir={run_dir}"],
-                   check=True)
+    # The ranks alone (torchrun's children), so their own exit status reaches the torchrun wrapper's.
+    subprocess.run(["pkill", "-TERM", "-P", str(process.pid)], check=True)
     output, _ = process.communicate(timeout=300)
     last_step = max(_losses(run_dir))
+    assert process.returncode == 75, output[-3000:]
     assert "checkpoint saved, exiting with status 75" in output
+    assert "rank 0 (exit status 75), rank 1 (exit status 75)" in output
     assert _latest_step(run_dir) == last_step < 300
     assert json.loads((run_dir / "stopped.json").read_text())["step"] == last_step
     assert not store.manifest_problems(run_dir / "checkpoints" / f"step_{last_step}")

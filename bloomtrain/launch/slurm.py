@@ -1,4 +1,4 @@
-"""Speaking SLURM: the batch job ``launcher=slurm`` submits, and SLURM's task variables under a bare ``srun``.
+"""The batch job ``launcher=slurm`` writes and submits (a bare ``srun``'s ranks: ``bloomtrain/distributed.py``).
 
 The job runs one ``bloomtrain.launch`` per node (``srun --ntasks-per-node=1``); each starts torchrun
 with a c10d rendezvous on the job's first node, so the ranks are numbered as on one machine. SLURM
@@ -91,19 +91,3 @@ def submit(config: BloomTrainConfig, overrides: list[str], processes: int) -> st
     if result.returncode:
         raise ConfigError(f"launcher=slurm: sbatch refused {script}: {result.stderr.strip()}")
     return result.stdout.strip().split(";")[0]
-
-
-def rank_environment() -> dict[str, str] | None:
-    """torch.distributed's variables from SLURM's under a bare ``srun python -m bloomtrain.train``
-    (None elsewhere): rank = SLURM_PROCID, world = the step's tasks, master = the step's first node."""
-    if "SLURM_STEP_NUM_TASKS" not in os.environ or "SLURM_PROCID" not in os.environ:
-        return None
-    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
-    listed = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
-    head = listed.stdout.split()[0] if listed.returncode == 0 and listed.stdout.split() else "127.0.0.1"
-    # Every task of a step must pick the same port without talking to each other: derive it from the ids.
-    job, step = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
-    port = os.environ.get("MASTER_PORT") or str(20000 + (job * 16 + step) % 30000)
-    return {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"],
-            "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"), "MASTER_ADDR": os.environ.get("MASTER_ADDR", head),
-            "MASTER_PORT": port}

@@ -1,4 +1,4 @@
-"""torchrun, with its failures reported in one line: ``python -m bloomtrain.elastic [torchrun args]``.
+"""torchrun, with its failures reported in one line: ``python -m bloomtrain.launch.torchrun [torchrun args]``.
 
 torchrun ends a failed run with a Python traceback of its own (``ChildFailedError``) and exit status
 1 whatever its ranks returned. This wrapper runs the same ``torch.distributed.run`` and instead

@@ -1,0 +1,5 @@
+import sys
+
+from bloomtrain.launch.cli import main
+
+sys.exit(main())
