@@ -58,19 +58,24 @@ def check_run_dir_writable(run_dir: str) -> None:
 
 
 def build_trainer(config: BloomTrainConfig):
-    """Validate the layout (before any process group exists), form the groups, build the trainer."""
-    apply_cpu_accommodations()  # first: megatron-core warns at import time
-    import torch
-
-    from bloomtrain.data.blend import resolve_blend
-    from bloomtrain.distributed import init_distributed, prepare_environment
-    from bloomtrain.parallel.engine import check_precision_supported
-    from bloomtrain.parallel.groups import init_parallel_groups
+    """Validate the layout (before anything is written or a process group exists), form the groups, build
+    the trainer."""
+    from bloomtrain.distributed import prepare_environment
     from bloomtrain.parallel.layout import resolve_layout
-    from bloomtrain.trainer import Trainer, seed_everything
 
     layout = resolve_layout(config, prepare_environment())
     check_run_dir_writable(config.run.dir)
+    # Before DeepSpeed and megatron-core are imported: they announce themselves at import time.
+    route_library_notices(Path(config.run.dir) / "logs" / f"rank-{os.environ['RANK']}.log")
+    apply_cpu_accommodations()
+    import torch
+
+    from bloomtrain.data.blend import resolve_blend
+    from bloomtrain.distributed import init_distributed
+    from bloomtrain.parallel.engine import check_precision_supported
+    from bloomtrain.parallel.groups import init_parallel_groups
+    from bloomtrain.trainer import Trainer, seed_everything
+
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but this machine has no usable CUDA GPU (torch.cuda.is_available() "
                           "is False); use train.device=auto or cpu")
@@ -112,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(to_yaml(config))
             return 0
-        check_run_dir_writable(config.run.dir)
-        route_library_notices(Path(config.run.dir) / "logs" / f"rank-{os.environ.get('RANK', '0')}.log")
         trainer = build_trainer(config)  # heavy imports only once the config is known to be good
     except ConfigError as error:
         print(f"bloomtrain: config error: {error}", file=sys.stderr)

@@ -383,7 +383,7 @@ class Trainer:
             if self.config.checkpoint.on_error != "continue":
                 raise
             if self.context.is_main:
-                notify(f"bloomtrain: {error}; training goes on (checkpoint.on_error=continue) and saves again "
+                notify(f"{error}; training goes on (checkpoint.on_error=continue) and saves again "
                        "at the next interval")
             return None
 

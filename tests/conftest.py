@@ -4,6 +4,7 @@ one process or torchrun, a tiny BLOOM-style Hugging Face tokenizer, and a real o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -38,15 +39,34 @@ def sample_cache(tmp_path_factory) -> Path:
     return cache
 
 
-def no_eval_unless_asked(overrides) -> list[str]:
-    """``eval.interval=0`` unless the overrides set it: most tests train a few steps and check other things."""
-    return [] if any(item.startswith("eval.interval=") for item in overrides) else ["eval.interval=0"]
+@pytest.fixture(scope="session")
+def checkpointed_run(tmp_path_factory, sample_cache) -> Path:
+    """A finished two-step tiny run with its checkpoint at step 2 (one warm-up step, the LR decaying over
+    six, so it continues to step 6). Tests copy it (:func:`copy_run`) instead of training their own."""
+    run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
+    run_train(tiny_run(run_dir, sample_cache, "optimizer.warmup_steps=1", "optimizer.decay_steps=6",
+                       "train.max_steps=2"))
+    return run_dir
+
+
+def copy_run(run_dir: Path, destination: Path) -> Path:
+    shutil.copytree(run_dir, destination)
+    return destination
+
+
+def tiny_run(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    """The overrides every test's training run starts from: the quickstart's bloom-tiny on the bundled sample
+    at sequence 64 with two warm-up steps, and nothing a test does not ask for (no W&B, no TensorBoard, no
+    evaluation; MFU's peak given, see :func:`with_a_given_peak`). ``extra`` comes last, and a later key wins."""
+    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
+            "optimizer.warmup_steps=2", "logging.wandb.mode=disabled", "logging.tensorboard=false",
+            "eval.interval=0", "train.peak_tflops=1", *extra]
 
 
 def with_a_given_peak(overrides: list[str]) -> list[str]:
     """MFU's peak given (``train.peak_tflops=1``) unless the test sets it: measuring it takes rank 0 about
     15 s of matmuls per run on this CPU, while the other ranks wait. ``tests/test_metrics.py`` tests the
-    measurement, and ``test_run_directory_layout`` runs with it (``train.peak_tflops=null``)."""
+    measurement, and the quickstart test runs with it, as a user's run does."""
     return list(overrides) if any(item.startswith("train.peak_tflops=") for item in overrides) else [
         *overrides, "train.peak_tflops=1"]
 
@@ -141,6 +161,18 @@ def read_wandb_history(run_dir: Path) -> list[dict]:
     return rows
 
 
+def _usable_partition() -> str:
+    """The cluster's default partition (``local`` when ``launch/local_slurm.sh`` configured it; a cluster
+    already running with another configuration has its own), else its first one that is up."""
+    listed = subprocess.run(["sinfo", "--noheader", "--format=%P %a"], capture_output=True, text=True, timeout=60)
+    rows = [line.split() for line in listed.stdout.splitlines() if line.strip()]
+    up = [name for name, state in rows if state == "up"]
+    default = [name.rstrip("*") for name in up if name.endswith("*")]
+    if not default and not up:
+        pytest.fail(f"the running SLURM has no partition that is up:\n{listed.stdout}{listed.stderr}")
+    return (default or up)[0].rstrip("*")
+
+
 @pytest.fixture(scope="session")
 def local_slurm() -> Iterator[str]:
     """A real one-node SLURM cluster started by ``launch/local_slurm.sh`` (root, Debian's packages);
@@ -161,6 +193,6 @@ def local_slurm() -> Iterator[str]:
     started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=180)
     if started.returncode:
         pytest.fail(f"could not start the local SLURM:\n{started.stdout}\n{started.stderr}")
-    yield "local"
+    yield _usable_partition()
     if "already running" not in started.stdout:
         subprocess.run(["bash", str(script), "stop"], capture_output=True, timeout=60)

@@ -14,12 +14,7 @@ import torch
 
 from bloomtrain.checkpoint import store
 from bloomtrain.metrics import read_metrics
-from tests.conftest import REPO, no_eval_unless_asked, run_torchrun, run_train
-
-
-def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
-            "optimizer.warmup_steps=2", "logging.wandb.mode=disabled", *no_eval_unless_asked(extra), *extra]
+from tests.conftest import REPO, run_torchrun, run_train, tiny_run
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -42,11 +37,11 @@ def test_resume_under_a_new_layout(source, target, tmp_path, sample_cache):
     # A small clip keeps clipping active, so the restored optimizer state and norms must be right.
     common = ["train.max_steps=4", "checkpoint.interval=2", "checkpoint.keep=0", "optimizer.grad_clip=0.3"]
     original = tmp_path / "original"
-    run_torchrun(source[0] * source[1] * source[2], _overrides(original, sample_cache, *common, *_layout(*source)))
+    run_torchrun(source[0] * source[1] * source[2], tiny_run(original, sample_cache, *common, *_layout(*source)))
 
     resumed = tmp_path / "resumed"
     result = run_torchrun(target[0] * target[1] * target[2],
-                          _overrides(resumed, sample_cache, *common, *_layout(*target),
+                          tiny_run(resumed, sample_cache, *common, *_layout(*target),
                                      f"checkpoint.resume={original}/checkpoints/step_2"))
     assert "through a universal checkpoint" in result.stderr
     want, got = _losses(original), _losses(resumed)
@@ -63,7 +58,7 @@ def test_hf_export_from_a_tensor_and_pipeline_parallel_run(tmp_path, sample_cach
     from bloomtrain.model import Bloom
 
     run_dir = tmp_path / "run"
-    run_torchrun(4, _overrides(run_dir, sample_cache, "train.max_steps=2", "optimizer.warmup_steps=1",
+    run_torchrun(4, tiny_run(run_dir, sample_cache, "train.max_steps=2", "optimizer.warmup_steps=1",
                                *_layout(2, 2, 1)))
     checkpoint = run_dir / "checkpoints" / "step_2"
     hf_dir = to_hf(run_dir, tmp_path / "hf")
@@ -96,8 +91,8 @@ def test_prune_keeps_the_newest_and_every_nth(tmp_path):
 @pytest.mark.multiprocess
 def test_zero_0_checkpoint_names_the_fix_for_a_new_layout(tmp_path, sample_cache):
     common = ["train.max_steps=2", "optimizer.warmup_steps=1", "parallel.zero_stage=0"]
-    run_train(_overrides(tmp_path / "a", sample_cache, *common))
-    result = run_torchrun(2, _overrides(tmp_path / "b", sample_cache, *common, "parallel.tensor=2",
+    run_train(tiny_run(tmp_path / "a", sample_cache, *common))
+    result = run_torchrun(2, tiny_run(tmp_path / "b", sample_cache, *common, "parallel.tensor=2",
                                         f"checkpoint.resume={tmp_path / 'a'}"), check=False)
     assert result.returncode != 0
     assert "config error" in result.stderr and "parallel.zero_stage>=1" in result.stderr
@@ -108,16 +103,16 @@ def test_training_starts_from_hugging_face_weights_under_any_layout(tmp_path, sa
     from bloomtrain.convert import from_hf_to_checkpoint, to_hf
 
     common = ["train.max_steps=2", "optimizer.warmup_steps=1"]
-    run_train(_overrides(tmp_path / "trained", sample_cache, "train.max_steps=6", "optimizer.warmup_steps=1"))
+    run_train(tiny_run(tmp_path / "trained", sample_cache, "train.max_steps=6", "optimizer.warmup_steps=1"))
     hf_dir = to_hf(tmp_path / "trained", tmp_path / "hf")
     start = from_hf_to_checkpoint(hf_dir, tmp_path / "from_hf")
 
     fresh = tmp_path / "fresh"
-    run_train(_overrides(fresh, sample_cache, *common))
+    run_train(tiny_run(fresh, sample_cache, *common))
     single, tensor = tmp_path / "single", tmp_path / "tensor"
-    result = run_train(_overrides(single, sample_cache, *common, f"checkpoint.resume={start}"))
+    result = run_train(tiny_run(single, sample_cache, *common, f"checkpoint.resume={start}"))
     assert "starting from the weights in" in result.stderr
-    run_torchrun(2, _overrides(tensor, sample_cache, *common, "parallel.tensor=2", f"checkpoint.resume={start}"))
+    run_torchrun(2, tiny_run(tensor, sample_cache, *common, "parallel.tensor=2", f"checkpoint.resume={start}"))
     assert [m["step"] for m in read_metrics(single)] == [1, 2]  # a new run: step 1, fresh optimizer
     assert _losses(single)[1] < _losses(fresh)[1] - 0.1  # the trained weights, not a fresh init
     for step in (1, 2):
@@ -212,7 +207,7 @@ def test_a_resume_in_the_middle_of_a_ramp_up_continues_exactly(tmp_path, sample_
     ramp = ["train.micro_batch_size=4", "train.rampup_batch_size=[8,8,40]", "parallel.data=2",
             "optimizer.decay_steps=8", "checkpoint.interval=4", "checkpoint.keep=0"]
     reference = tmp_path / "uninterrupted"
-    run_torchrun(2, _overrides(reference, sample_cache, "train.max_steps=8", *ramp))
+    run_torchrun(2, tiny_run(reference, sample_cache, "train.max_steps=8", *ramp))
     want = read_metrics(reference)
     assert [m["global_batch_size"] for m in want] == [8, 8, 8, 8, 8, 16, 16, 16]
     assert [m["consumed_samples"] for m in want] == [8, 16, 24, 32, 40, 56, 72, 88]
@@ -220,13 +215,13 @@ def test_a_resume_in_the_middle_of_a_ramp_up_continues_exactly(tmp_path, sample_
     # The same ramp through DeepSpeed's pipeline engine (1F1B over two stages, one replica) trains the same
     # curve: each step's micro-batches end exactly at its optimizer step in both engines.
     ramp_pipeline = [item for item in ramp if item != "parallel.data=2"] + ["parallel.pipeline=2", "parallel.data=1"]
-    run_torchrun(2, _overrides(tmp_path / "pipeline", sample_cache, "train.max_steps=8", *ramp_pipeline))
+    run_torchrun(2, tiny_run(tmp_path / "pipeline", sample_cache, "train.max_steps=8", *ramp_pipeline))
     for mine, theirs in zip(read_metrics(tmp_path / "pipeline"), want, strict=True):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5), mine["step"]
 
     resumed = tmp_path / "resumed"
-    run_torchrun(2, _overrides(resumed, sample_cache, "train.max_steps=4", *ramp))  # stops inside the ramp
-    result = run_torchrun(2, _overrides(resumed, sample_cache, "train.max_steps=8", *ramp))
+    run_torchrun(2, tiny_run(resumed, sample_cache, "train.max_steps=4", *ramp))  # stops inside the ramp
+    result = run_torchrun(2, tiny_run(resumed, sample_cache, "train.max_steps=8", *ramp))
     assert "resumed from" in result.stderr and "step_4" in result.stderr
     got = read_metrics(resumed)
     assert [m["step"] for m in got] == list(range(1, 9))

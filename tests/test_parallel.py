@@ -14,35 +14,66 @@ from bloomtrain.config_loader import load_config
 from bloomtrain.metrics import EVAL_FILE, read_metrics
 from bloomtrain.model import Bloom, count_parameters
 from bloomtrain.parallel.layout import ParallelLayout, resolve_layout
-from tests.conftest import REPO, no_eval_unless_asked, run_torchrun
+from tests.conftest import REPO, run_torchrun, tiny_run
 
 STEPS = 5
 
 
 def _overrides(run_dir, cache, *extra):
     # A small clip makes clipping active, so a wrong global gradient norm would change the losses.
-    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", f"train.max_steps={STEPS}",
-            "train.seq_length=64", "optimizer.warmup_steps=2", "optimizer.grad_clip=0.3",
-            "logging.wandb.mode=disabled", "checkpoint.interval=0", *no_eval_unless_asked(extra), *extra]
+    return tiny_run(run_dir, cache, f"train.max_steps={STEPS}", "optimizer.grad_clip=0.3", "checkpoint.interval=0",
+                    *extra)
 
 
-def _train(tmp_path, cache, name, tensor=1, pipeline=1, data=1, *extra):
+def _train(tmp_path, cache, name, tensor=1, pipeline=1, data=1, *extra, reports=False):
+    """The run's metrics; with ``reports`` it runs under ``tests.distributed_checks``, whose per-rank
+    reports land in ``tmp_path / (name + "-reports")``."""
     run_dir = tmp_path / name
     if not any(item.startswith("parallel.zero_stage=") for item in extra):
         # ZeRO 0 unless a test says otherwise: its fp32 path clips with our own global-norm AdamW.
         extra = ("parallel.zero_stage=0", *extra)
+    overrides = _overrides(run_dir, cache, f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}", *extra)
     # fp16 on CPU needs DeepSpeed's CPU accelerator told that fp16 works (test-only, see tests/cpu_fp16.py).
     module = "tests.cpu_fp16" if "train.precision=fp16" in extra else "bloomtrain.train"
-    run_torchrun(tensor * pipeline * data,
-                 _overrides(run_dir, cache, f"parallel.tensor={tensor}", f"parallel.pipeline={pipeline}", *extra),
-                 module=module)
+    if reports:
+        module, overrides = "tests.distributed_checks", [str(tmp_path / f"{name}-reports"), *overrides]
+    run_torchrun(tensor * pipeline * data, overrides, module=module)
     return read_metrics(run_dir)
 
 
+def _assert_parameters_split(reports: list[dict], tensor: int, pipeline: int, data: int) -> None:
+    """Each tensor rank's stages together hold the model once: its share of every split parameter, every
+    replicated one whole (the tied embedding, on the first and last stage, counted once)."""
+    config = load_config(["experiment=quickstart"]).model
+    total = count_parameters(config)
+    with torch.device("meta"):
+        plain = Bloom(config)
+    replicated = sum(p.numel() for name, p in plain.named_parameters()
+                     if "layernorm" in name or "ln_f" in name or name.endswith(("dense.bias", "dense_4h_to_h.bias")))
+    assert len(reports) == tensor * pipeline * data
+    for report in reports:
+        mine = [r for r in reports
+                if (r["tensor_rank"], r["data_rank"]) == (report["tensor_rank"], report["data_rank"])]
+        assert {r["pipeline_rank"] for r in mine} == set(range(pipeline))
+        held = sum(r["local_parameters"] for r in mine) - (mine[0]["embedding_parameters"] if pipeline > 1 else 0)
+        assert held == (total - replicated) // tensor + replicated
+        assert report["local_parameters"] <= total / (tensor * pipeline) + replicated + report["embedding_parameters"]
+
+
+EVALUATED = (f"eval.interval={STEPS}", "eval.iters=1")  # once, after the last step: the curve is unchanged
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, sample_cache):
-    """The single-process run every layout is compared with."""
-    return _train(tmp_path_factory.mktemp("reference"), sample_cache, "single")
+def reference_dir(tmp_path_factory, sample_cache):
+    """The single-process run every layout is compared with, evaluated after its last step."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    _train(run_dir, sample_cache, "single", 1, 1, 1, *EVALUATED)
+    return run_dir / "single"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    return read_metrics(reference_dir)
 
 
 def _assert_same_curve(metrics, reference, rel=1e-5):
@@ -56,9 +87,21 @@ def _assert_same_curve(metrics, reference, rel=1e-5):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2)],
                          ids=lambda layout: "tp{}-pp{}-dp{}".format(*layout))
-def test_layout_equals_single_process(layout, tmp_path, sample_cache, reference):
-    tensor, pipeline, data = layout
-    _assert_same_curve(_train(tmp_path, sample_cache, "run", tensor, pipeline, data), reference)
+def test_layout_equals_single_process(layout, tmp_path, sample_cache, reference, reference_dir):
+    """The loss curve, and validation per language (forward only, pipeline included, over the same fixed
+    samples, reduced over data parallel), equal the single process's; each rank holds its share of the
+    parameters."""
+    _assert_same_curve(_train(tmp_path, sample_cache, "run", *layout, *EVALUATED, reports=True), reference)
+    reports = [json.loads(path.read_text()) for path in sorted((tmp_path / "run-reports").glob("rank_*.json"))]
+    _assert_parameters_split(reports, *layout)
+    evaluation, single = read_metrics(tmp_path / "run", EVAL_FILE), read_metrics(reference_dir, EVAL_FILE)
+    assert [e["step"] for e in single] == [e["step"] for e in evaluation] == [STEPS]
+    assert len(single[0]["languages"]) == 16
+    assert evaluation[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5)
+    for language, values in single[0]["languages"].items():
+        got = evaluation[0]["languages"][language]
+        assert got["loss"] == pytest.approx(values["loss"], rel=1e-5), language
+        assert got["tokens"] == values["tokens"]
 
 
 @pytest.mark.multiprocess
@@ -86,25 +129,6 @@ def test_activation_checkpointing_recomputes_and_changes_nothing(pipeline, tmp_p
                             "parallel.zero_stage=0", "parallel.activation_checkpointing=true")
     assert all(r["layernorm_calls_per_micro_batch"] == 2 for r in reports), reports
     _assert_same_curve(read_metrics(tmp_path / "run"), reference)
-
-
-@pytest.mark.multiprocess
-def test_validation_per_language_is_the_same_under_every_layout(tmp_path, sample_cache):
-    """Forward-only evaluation (pipeline included) over the same fixed samples, reduced over data parallel."""
-    evaluations = {}
-    for layout in [(1, 1, 1), (2, 2, 1), (1, 2, 2)]:
-        name = "tp{}-pp{}-dp{}".format(*layout)
-        _train(tmp_path, sample_cache, name, *layout, f"eval.interval={STEPS}", "eval.iters=1")
-        evaluations[layout] = read_metrics(tmp_path / name, EVAL_FILE)
-    single = evaluations.pop((1, 1, 1))
-    assert [e["step"] for e in single] == [STEPS] and len(single[0]["languages"]) == 16
-    for layout, evaluation in evaluations.items():
-        assert [e["step"] for e in evaluation] == [STEPS]
-        assert evaluation[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-5), layout
-        for language, values in single[0]["languages"].items():
-            got = evaluation[0]["languages"][language]
-            assert got["loss"] == pytest.approx(values["loss"], rel=1e-5), (layout, language)
-            assert got["tokens"] == values["tokens"]
 
 
 @pytest.mark.multiprocess
@@ -140,25 +164,6 @@ def test_layernorms_stay_bitwise_equal_across_tensor_ranks(sequence_parallel, tm
     assert all(r["replicated_tensors"] > 0 and r["replicated_equal"] for r in reports)
     # Sequence parallelism really splits the LayerNorms' activations (train.seq_length=64 over 2 ranks).
     assert all(r["layernorm_seq_lengths"] == [32 if sequence_parallel else 64] for r in reports)
-
-
-@pytest.mark.multiprocess
-def test_per_rank_parameter_count(tmp_path, sample_cache):
-    config = load_config(["experiment=quickstart"]).model
-    total = count_parameters(config)
-    with torch.device("meta"):
-        plain = Bloom(config)
-    replicated = sum(p.numel() for name, p in plain.named_parameters()
-                     if "layernorm" in name or "ln_f" in name or name.endswith(("dense.bias", "dense_4h_to_h.bias")))
-    reports = _rank_reports(tmp_path, sample_cache, 4, "parallel.tensor=2", "parallel.pipeline=2")
-    for tensor_rank in (0, 1):
-        mine = [r for r in reports if r["tensor_rank"] == tensor_rank]
-        assert {r["pipeline_rank"] for r in mine} == {0, 1}
-        # The tied embedding lives on both stages; count it once.
-        held = sum(r["local_parameters"] for r in mine) - mine[0]["embedding_parameters"]
-        assert held == (total - replicated) // 2 + replicated
-    for report in reports:
-        assert report["local_parameters"] <= total / 4 + replicated + report["embedding_parameters"]
 
 
 @pytest.mark.parametrize("overrides,world,key", [

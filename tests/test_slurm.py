@@ -17,15 +17,13 @@ from bloomtrain.config_loader import load_config
 from bloomtrain.launch.slurm import job_script
 from bloomtrain.metrics import read_metrics
 from bloomtrain.parallel.layout import process_count
-from tests.conftest import REPO, no_eval_unless_asked, run_torchrun, with_a_given_peak
+from tests.conftest import REPO, run_torchrun, tiny_run
 
 STEPS = 40
 
 
 def _overrides(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
-            "optimizer.warmup_steps=2", "logging.wandb.mode=disabled", f"train.max_steps={STEPS}",
-            "checkpoint.interval=0", "parallel.data=2", *no_eval_unless_asked(extra), *with_a_given_peak(extra)]
+    return tiny_run(run_dir, cache, f"train.max_steps={STEPS}", "checkpoint.interval=0", "parallel.data=2", *extra)
 
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -128,6 +126,8 @@ def test_slurm_job_stops_on_the_time_limit_signal_requeues_and_resumes_exactly(
         assert resumed["consumed_samples"] == reference["consumed_samples"]
 
 
+@pytest.mark.slurm
+@pytest.mark.multiprocess
 def test_bare_srun_ranks_train_from_slurm_variables(local_slurm, sample_cache, uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

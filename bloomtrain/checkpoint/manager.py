@@ -45,7 +45,6 @@ from bloomtrain.checkpoint.weights import read_model_weights
 from bloomtrain.config import CheckpointConfig, ConfigError, ModelConfig
 from bloomtrain.data.tokenizer import install_tokenizer, tokenizer_fingerprint
 from bloomtrain.parallel.layout import ParallelLayout
-from bloomtrain.progress import notify
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +249,8 @@ class CheckpointManager:
                 return checkpoint
             if self.is_main:
                 more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-                notify(f"checkpoint {checkpoint} is incomplete or damaged ({problems[0]}{more}); "
-                       "falling back to the previous one")
+                logger.warning("checkpoint %s is incomplete or damaged (%s%s); falling back to the previous one",
+                               checkpoint, problems[0], more)
         return None
 
     def _check_compatible(self, checkpoint: Path) -> store.CheckpointMeta:

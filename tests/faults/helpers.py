@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tests import conftest
+
 
 def tiny_run(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return ["experiment=quickstart", f"run.dir={run_dir}", f"data.cache_dir={cache}", "train.seq_length=64",
-            "optimizer.warmup_steps=1", "eval.interval=0", "logging.wandb.mode=disabled",
-            "logging.tensorboard=false", "train.peak_tflops=1", *extra]
+    """The suite's tiny run (``tests/conftest.py``) with one warm-up step: faults show up sooner."""
+    return conftest.tiny_run(run_dir, cache, "optimizer.warmup_steps=1", *extra)
 
 
 def assert_one_line_error(stderr: str, *expected: str) -> str:

@@ -63,18 +63,28 @@ bad_override = st.sampled_from(sorted(BAD_VALUES)).flatmap(
     lambda key: st.sampled_from(BAD_VALUES[key]).map(lambda value: (key, value)))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bad=st.lists(bad_override, min_size=1, max_size=3, unique_by=lambda item: item[0]),
-       good=st.lists(st.sampled_from(GOOD_VALUES), max_size=3, unique=True), bad_first=st.booleans())
-def test_every_invalid_override_is_one_line_naming_its_key(bad, good, bad_first):
-    overrides = [f"{key}={value}" for key, value in bad]
-    good = [item for item in good if item.split("=")[0] not in dict(bad)]  # a later value would win
-    overrides = overrides + good if bad_first else good + overrides
+def _assert_one_line_naming_a_key(overrides: list[str], bad_keys: list[str]) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(overrides)
     message = str(caught.value)
     assert "\n" not in message and len(message) < 400
-    assert any(key in message or key.split(".")[-1] in message for key, _ in bad), message
+    assert any(key in message or key.split(".")[-1] in message for key in bad_keys), message
+
+
+def test_every_invalid_value_alone_is_one_line_naming_its_key():
+    for key, values in BAD_VALUES.items():
+        for value in values:
+            _assert_one_line_naming_a_key([f"{key}={value}"], [key])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bad=st.lists(bad_override, min_size=1, max_size=3, unique_by=lambda item: item[0]),
+       good=st.lists(st.sampled_from(GOOD_VALUES), max_size=3, unique=True), bad_first=st.booleans())
+def test_invalid_overrides_among_others_are_one_line_naming_a_key(bad, good, bad_first):
+    overrides = [f"{key}={value}" for key, value in bad]
+    good = [item for item in good if item.split("=")[0] not in dict(bad)]  # a later value would win
+    overrides = overrides + good if bad_first else good + overrides
+    _assert_one_line_naming_a_key(overrides, [key for key, _ in bad])
 
 
 @pytest.mark.parametrize("where", ["/proc/bloomtrain-run", "/dev/null/run"])

@@ -19,7 +19,7 @@ from bloomtrain.checkpoint import store
 from bloomtrain.distributed import free_port
 from bloomtrain.metrics import read_metrics
 from bloomtrain.preemption import StopRequests
-from tests.conftest import REPO, run_torchrun, run_train, with_a_given_peak
+from tests.conftest import REPO, copy_run, run_torchrun, run_train, with_a_given_peak
 from tests.faults.helpers import tiny_run
 
 
@@ -141,16 +141,15 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, sample_c
 
     result = run_train(tiny_run(run_dir, sample_cache, "train.max_steps=6", "checkpoint.interval=2",
                                   "optimizer.decay_steps=8"))
-    warning = [line for line in result.stdout.splitlines() if "incomplete or damaged" in line]
+    warning = [line for line in result.stderr.splitlines() if "incomplete or damaged" in line]
     assert len(warning) == 1 and "step_4" in warning[0] and "mp_rank_00_model_states.pt" in warning[0]
     assert "step_2 at step 2" in result.stderr
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.slow
-def test_nothing_is_unpickled_from_a_checkpoint(tmp_path, sample_cache):
-    run_dir = tmp_path / "run"
-    run_train(tiny_run(run_dir, sample_cache, "train.max_steps=2", "optimizer.decay_steps=4"))
+def test_nothing_is_unpickled_from_a_checkpoint(tmp_path, sample_cache, checkpointed_run):
+    run_dir = copy_run(checkpointed_run, tmp_path / "run")
     checkpoint = run_dir / "checkpoints" / "step_2"
     states = checkpoint / "mp_rank_00_model_states.pt"
     planted = tmp_path / "code-ran"
@@ -161,7 +160,7 @@ def test_nothing_is_unpickled_from_a_checkpoint(tmp_path, sample_cache):
     manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": store.file_digest(states)}
     (checkpoint / store.MANIFEST_FILE).write_text(json.dumps(manifest))
 
-    result = run_train(tiny_run(run_dir, sample_cache, "train.max_steps=4", "optimizer.decay_steps=4"),
+    result = run_train(tiny_run(run_dir, sample_cache, "train.max_steps=4", "optimizer.decay_steps=6"),
                        check=False)
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
