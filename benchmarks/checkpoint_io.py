@@ -62,6 +62,7 @@ def main() -> None:
 
     import torch
 
+    from bloomtrain.build import build_engine
     from bloomtrain.checkpoint.manager import CheckpointManager
     from bloomtrain.checkpoint.store import TrainingProgress
     from bloomtrain.config_loader import load_config, to_yaml
@@ -70,7 +71,6 @@ def main() -> None:
     from bloomtrain.parallel.cpu import apply_cpu_accommodations
     from bloomtrain.parallel.groups import init_parallel_groups
     from bloomtrain.parallel.layout import resolve_layout
-    from bloomtrain.trainer import build_engine
     from data_tools.sample import prepare_sample
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bloomtrain-ckpt-bench-"))

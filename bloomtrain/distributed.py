@@ -8,6 +8,7 @@ made from SLURM's (``slurm_rank_environment``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -61,9 +62,20 @@ def bound_collectives(timeout: timedelta) -> None:
         distributed_c10d.default_pg_nccl_timeout = timeout
 
 
-def init_distributed(device_preference: str = "auto", timeout_minutes: float = 10.0) -> DistributedContext:
+def set_collective_timeout(seconds: float) -> None:
+    """Bound every collective of every process group this rank belongs to (megatron-core's and DeepSpeed's
+    included) at ``seconds`` from now on."""
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        with contextlib.suppress(ValueError, RuntimeError, AssertionError):
+            distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+
+
+def join_process_group(device_preference: str = "auto", timeout_minutes: float = 10.0) -> DistributedContext:
     """Join (or, run alone, create) the default process group: NCCL on GPUs, gloo on CPU. Every
-    collective gives up after ``timeout_minutes`` (``distributed.timeout_minutes``)."""
+    collective gives up after ``timeout_minutes`` (``distributed.timeout_minutes``). torch only: what the
+    run decides before anything else is imported or written (the run directory's lock) can use it."""
     prepare_environment()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,12 +90,19 @@ def init_distributed(device_preference: str = "auto", timeout_minutes: float = 1
     bound_collectives(timeout)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return DistributedContext(rank, world_size, local_rank, device)
+
+
+def init_distributed(device_preference: str = "auto", timeout_minutes: float = 10.0) -> DistributedContext:
+    """:func:`join_process_group`, then DeepSpeed's communication layer over the same group."""
+    context = join_process_group(device_preference, timeout_minutes)
     import deepspeed
 
     # DeepSpeed's comm layer adopts the torch group (on CPU it builds, and announces, a communication op)
     with library_prints():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    return DistributedContext(rank, world_size, local_rank, device)
+        deepspeed.init_distributed(dist_backend="nccl" if context.device.type == "cuda" else "gloo",
+                                   timeout=timedelta(minutes=timeout_minutes))
+    return context
 
 
 def shutdown_distributed(together: bool = True) -> None:

@@ -10,14 +10,21 @@ over languages, and perplexity ``exp(loss)``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from bloomtrain.data.loader import BatchLayout, step_batches
+from bloomtrain.config import EvalConfig, TrainConfig
+from bloomtrain.data.blend import Blend
+from bloomtrain.data.loader import BatchLayout, build_validation_datasets, step_batches
+
+logger = logging.getLogger(__name__)
 
 MicroBatches = list[dict[str, torch.Tensor]]
 
@@ -43,10 +50,33 @@ class Validation:
         self.samples = iters * batch_layout.global_batch_size
         self.tokens = self.samples * seq_length  # every position of every sample is scored
 
-    def run(self, loss_of: Callable[[MicroBatches], float]) -> dict[str, Any]:
-        """Collective: ``loss_of`` maps one step's micro-batches to their mean loss over all ranks."""
+    def run(self, loss_of: Callable[[MicroBatches], float],
+            stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+        """Collective: ``loss_of`` maps one step's micro-batches to their mean loss over all ranks. Between
+        batches ``stop_requested`` (a collective too) may end it: then None, the partial result dropped."""
         losses = {}
         for language, dataset in self.datasets.items():
-            batches = step_batches(dataset, self.batch_layout, 0, self.samples, num_workers=0)
-            losses[language] = sum(loss_of(micro_batches) for micro_batches in batches) / self.iters
+            total = 0.0
+            for micro_batches in step_batches(dataset, self.batch_layout, 0, self.samples, num_workers=0):
+                if stop_requested():
+                    return None
+                total += loss_of(micro_batches)
+            losses[language] = total / self.iters
         return summarize(losses, {language: self.tokens for language in losses})
+
+
+def build_validation(blend: Blend, tokenizer, train: TrainConfig, eval_config: EvalConfig, batch_layout: BatchLayout,
+                     index_dir: Path, is_main: bool) -> Validation | None:
+    """The run's validation over each language's held-out tokens, or None (``eval.interval=0``, or a blend
+    without validation sets, which is said)."""
+    if not eval_config.interval:
+        return None
+    if not blend.validation_sets:
+        if is_main:
+            logger.warning("eval.interval=%d but data.blend lists no validation sets (valid_prefix): no evaluation; "
+                           "the data pipeline writes them (split.valid_fraction)", eval_config.interval)
+        return None
+    samples = eval_config.iters * train.global_batch_size
+    datasets = build_validation_datasets(blend, tokenizer, train.seq_length, samples, train.seed, index_dir)
+    full_batches = dataclasses.replace(batch_layout, rampup=None)  # evaluation ignores the ramp-up
+    return Validation(datasets, full_batches, eval_config.iters, train.seq_length)

@@ -25,8 +25,10 @@ import contextlib
 import enum
 import json
 import math
+import statistics
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,13 +110,17 @@ class StepHealth:
     rollback; a lone non-finite step is skipped and training carries on."""
 
     def __init__(self, max_skipped_steps: int, loss_scaling: bool, spike_factor: float = 0.0,
-                 spike_window: int = 50, inject_spike_at: list[int] = ()) -> None:
+                 spike_window: int = 50, inject_spike_at: list[int] = (), inject_nonfinite_at: list[int] = ()) -> None:
         self.non_finite = NonFiniteSteps(max_skipped_steps)
         self.loss_scaling = loss_scaling
         self.spikes = LossSpikes(spike_factor, spike_window) if spike_factor else None
         self.inject_spike_at = set(inject_spike_at)
+        self.inject_nonfinite_at = set(inject_nonfinite_at)
 
     def judge(self, step: int, loss: float, grad_norm: float | None, param_norm: float | None) -> Verdict:
+        if step in self.inject_nonfinite_at:
+            self.inject_nonfinite_at.discard(step)
+            loss = math.nan
         diverged = self.non_finite.record(step, loss, grad_norm, self.loss_scaling)
         skipped = self.non_finite.last_step_was_bad
         if diverged:
@@ -133,6 +139,52 @@ class StepHealth:
         return Verdict(Action.CARRY_ON, skipped)
 
 
+class CollectiveBounds:
+    """How long a collective may wait, relative to the step. Until ``warmup_steps`` steps are timed, and
+    around phases with a pace of their own (evaluation, checkpoint saving), the bound is the start-up one
+    (``distributed.timeout_minutes``); afterwards a step's collectives give up after ``factor`` median steps,
+    at least ``minimum_seconds``. ``apply`` sets a bound on every process group (local: no communication)."""
+
+    def __init__(self, startup_seconds: float, factor: float, minimum_seconds: float,
+                 apply: Callable[[float], None], warmup_steps: int = 3) -> None:
+        self.startup_seconds, self.factor, self.minimum_seconds = startup_seconds, factor, minimum_seconds
+        self.apply, self.warmup_steps = apply, warmup_steps
+        self.step_times: collections.deque[float] = collections.deque(maxlen=50)
+        self.current = startup_seconds
+
+    @property
+    def median_step(self) -> float | None:
+        return statistics.median(self.step_times) if len(self.step_times) >= self.warmup_steps else None
+
+    @property
+    def step_bound(self) -> float:
+        median = self.median_step
+        if median is None or not self.factor:
+            return self.startup_seconds
+        return max(self.minimum_seconds, self.factor * median)
+
+    def record(self, step_seconds: float) -> None:
+        self.step_times.append(step_seconds)
+        bound = self.step_bound
+        if abs(bound - self.current) > 0.25 * self.current:  # not every step: it walks every process group
+            self._set(bound)
+
+    @contextlib.contextmanager
+    def long_phase(self) -> Iterator[None]:
+        """Evaluation or a checkpoint save: the start-up bound while it lasts."""
+        if self.current < self.startup_seconds:
+            self._set(self.startup_seconds)
+        try:
+            yield
+        finally:
+            if self.step_bound < self.current:
+                self._set(self.step_bound)
+
+    def _set(self, seconds: float) -> None:
+        self.apply(seconds)
+        self.current = seconds
+
+
 HEARTBEAT_DIR = "heartbeats"
 
 
@@ -146,6 +198,7 @@ class Heartbeat:
         self.path = Path(run_dir) / HEARTBEAT_DIR / f"rank-{rank}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.step = 0
+        self.step_seconds: float | None = None  # the median step, once known: the launcher's warning follows it
         self._stopped = threading.Event()
         self._interval = interval_seconds
         self._write()
@@ -153,7 +206,7 @@ class Heartbeat:
 
     def _write(self) -> None:
         staging = self.path.with_suffix(".tmp")
-        staging.write_text(json.dumps({"step": self.step, "time": time.time()}))
+        staging.write_text(json.dumps({"step": self.step, "time": time.time(), "step_seconds": self.step_seconds}))
         staging.replace(self.path)
 
     def _run(self) -> None:
@@ -165,9 +218,17 @@ class Heartbeat:
         self._stopped.set()
 
 
-def quiet_ranks(run_dir: Path, older_than_seconds: float, since: float) -> dict[int, dict]:
-    """Ranks whose heartbeat (written after ``since``) is older than ``older_than_seconds`` while another
-    rank's is fresh: what a hung rank looks like from outside."""
+def hang_warning_seconds(step_seconds: float | None, startup_seconds: float, factor: float,
+                         minimum_seconds: float = 30.0) -> float:
+    """How long a rank's heartbeat may be silent before the launcher names it: ``factor`` median steps (at
+    least ``minimum_seconds``) once the ranks report their step time, else the start-up bound."""
+    return max(minimum_seconds, factor * step_seconds) if step_seconds else startup_seconds
+
+
+def quiet_ranks(run_dir: Path, since: float, startup_seconds: float, factor: float) -> dict[int, tuple[dict, float]]:
+    """Ranks whose heartbeat (written after ``since``) is older than :func:`hang_warning_seconds` while another
+    rank's is fresh, each with its beat and that bound: what a hung rank looks like from outside. The step time
+    is the slowest any rank reports (a stopped rank's own last beat may predate its first timed steps)."""
     beats = {}
     for path in (Path(run_dir) / HEARTBEAT_DIR).glob("rank-*.json"):
         try:
@@ -179,4 +240,6 @@ def quiet_ranks(run_dir: Path, older_than_seconds: float, since: float) -> dict[
     if not beats:
         return {}
     newest = max(beat["time"] for beat in beats.values())
-    return {rank: beat for rank, beat in beats.items() if newest - beat["time"] > older_than_seconds}
+    step_seconds = max((beat.get("step_seconds") or 0 for beat in beats.values()), default=0) or None
+    bound = hang_warning_seconds(step_seconds, startup_seconds, factor)
+    return {rank: (beat, bound) for rank, beat in beats.items() if newest - beat["time"] > bound}

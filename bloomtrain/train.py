@@ -17,7 +17,8 @@ from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import describe_keys, load_config, to_yaml
 from bloomtrain.console import route_library_notices
 from bloomtrain.distributed import shutdown_distributed
-from bloomtrain.parallel.cpu import apply_cpu_accommodations
+from bloomtrain.parallel.cpu import apply_cpu_accommodations, prepare_op_builds
+from bloomtrain.run_lock import RunDirectoryBusy
 
 USAGE = """usage: python -m bloomtrain.train [key=value ...] [group=name ...]
 
@@ -60,22 +61,14 @@ def check_run_dir_writable(run_dir: str) -> None:
 def build_trainer(config: BloomTrainConfig):
     """Validate the layout (before anything is written or a process group exists), form the groups, build
     the trainer."""
-    from bloomtrain.distributed import prepare_environment
+    import torch
+
+    from bloomtrain.distributed import join_process_group, prepare_environment
     from bloomtrain.parallel.layout import resolve_layout
+    from bloomtrain.run_lock import hold_run_directory
 
     layout = resolve_layout(config, prepare_environment())
     check_run_dir_writable(config.run.dir)
-    # Before DeepSpeed and megatron-core are imported: they announce themselves at import time.
-    route_library_notices(Path(config.run.dir) / "logs" / f"rank-{os.environ['RANK']}.log")
-    apply_cpu_accommodations()
-    import torch
-
-    from bloomtrain.data.blend import resolve_blend
-    from bloomtrain.distributed import init_distributed
-    from bloomtrain.parallel.engine import check_precision_supported
-    from bloomtrain.parallel.groups import init_parallel_groups
-    from bloomtrain.trainer import Trainer, seed_everything
-
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but this machine has no usable CUDA GPU (torch.cuda.is_available() "
                           "is False); use train.device=auto or cpu")
@@ -83,11 +76,31 @@ def build_trainer(config: BloomTrainConfig):
         # megatron-core overlaps sequence-parallel all-gathers with compute only when CUDA runs kernels
         # in issue order; it must be set before the CUDA context exists.
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    context = init_distributed(config.train.device, config.distributed.timeout_minutes)
-    check_precision_supported(config.train.precision)
-    init_parallel_groups(layout, config.distributed.timeout_minutes)
-    seed_everything(config.train.seed)
-    return Trainer(config, context, layout, resolve_blend(config.data, context.is_main))
+    context = join_process_group(config.train.device, config.distributed.timeout_minutes)
+    lock = hold_run_directory(Path(config.run.dir), context.is_main)  # before the run writes anything
+    try:
+        # Before DeepSpeed and megatron-core are imported: they announce themselves at import time.
+        route_library_notices(Path(config.run.dir) / "logs" / f"rank-{context.rank}.log")
+        apply_cpu_accommodations()
+        prepare_op_builds()
+        from bloomtrain.build import seed_everything
+        from bloomtrain.data.blend import resolve_blend
+        from bloomtrain.distributed import init_distributed
+        from bloomtrain.parallel.engine import check_precision_supported
+        from bloomtrain.parallel.groups import init_parallel_groups
+        from bloomtrain.trainer import Trainer
+
+        context = init_distributed(config.train.device, config.distributed.timeout_minutes)
+        check_precision_supported(config.train.precision)
+        init_parallel_groups(layout, config.distributed.timeout_minutes)
+        seed_everything(config.train.seed)
+        trainer = Trainer(config, context, layout, resolve_blend(config.data, context.is_main))
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    trainer.run_lock = lock
+    return trainer
 
 
 def _leave_process_groups(together: bool = True) -> None:
@@ -126,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bloomtrain: checkpoint error: {error}", file=sys.stderr)
         _leave_process_groups()
         return 2
+    except RunDirectoryBusy as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"bloomtrain: {error}", file=sys.stderr)
+        _leave_process_groups()
+        return 2
     status = None
     try:
         status = trainer.train()
@@ -138,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         if not is_collective_failure(error):
             raise
         print(f"bloomtrain: rank {trainer.context.rank}: a collective failed while {trainer.activity} (step "
-              f"{trainer.progress.step + 1}): {first_line(error)}. Another rank died or hung (collectives give up "
-              f"after distributed.timeout_minutes={config.distributed.timeout_minutes:g}); restart the run to "
-              "resume from its last checkpoint", file=sys.stderr, flush=True)
+              f"{trainer.progress.step + 1}): {first_line(error)}. Another rank died or hung (collectives gave up "
+              f"after {trainer.bounds.current:.0f} s, distributed.*); restart the run to resume from its last "
+              "checkpoint", file=sys.stderr, flush=True)
         return 1
     finally:
         trainer.close()

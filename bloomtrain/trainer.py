@@ -13,18 +13,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from megatron.core import parallel_state
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from bloomtrain.build import DTYPES, build_engine
 from bloomtrain.checkpoint import latest_checkpoint
-from bloomtrain.checkpoint.manager import CheckpointManager, ResumePlan
+from bloomtrain.checkpoint.manager import CheckpointManager
 from bloomtrain.checkpoint.store import CheckpointSaveError, TrainingProgress
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
@@ -32,51 +29,24 @@ from bloomtrain.data.blend import Blend
 from bloomtrain.data.loader import (
     BatchLayout,
     build_train_dataset,
-    build_validation_datasets,
     load_tokenizer,
     step_batches,
 )
 from bloomtrain.data.token_files import check_token_files
-from bloomtrain.distributed import DistributedContext
-from bloomtrain.evaluation import Validation
+from bloomtrain.distributed import DistributedContext, set_collective_timeout
+from bloomtrain.evaluation import build_validation
 from bloomtrain.flops import device_peak
-from bloomtrain.health import EXIT_DIVERGED, Action, Heartbeat, StepHealth, Verdict, is_finite
+from bloomtrain.health import EXIT_DIVERGED, Action, CollectiveBounds, Heartbeat, StepHealth, Verdict, is_finite
 from bloomtrain.metrics import MetricsLogger, summary_rows
-from bloomtrain.model.bloom import BloomBlock
-from bloomtrain.optim import build_optimizer, build_scheduler
-from bloomtrain.parallel.engine import StepResult, TrainingEngine
+from bloomtrain.parallel.engine import StepResult
 from bloomtrain.parallel.layout import ParallelLayout
-from bloomtrain.parallel.parallelize import build_parallel_model
 from bloomtrain.plan import plan_table
 from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, StopRequests
 from bloomtrain.progress import StepProgress, notify, print_summary
+from bloomtrain.run_lock import RunLock
 from bloomtrain.step_metrics import StepMeter
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_engine(config: BloomTrainConfig, layout: ParallelLayout, device: torch.device,
-                 resume: ResumePlan) -> tuple[TrainingEngine, OptimizerParamScheduler]:
-    """This rank's model for the layout, its optimizer, the DeepSpeed engine and the LR schedule, shaped
-    by what the run resumes from (padded vocabulary, initial weights, a universal checkpoint)."""
-    model = build_parallel_model(config.model, layout, device, config.train.seed, resume.padded_vocab_size,
-                                 config.parallel.activation_checkpointing, resume.initial_weights())
-    if config.train.compile:  # every block, wherever the layout put it (pipeline stages wrap them)
-        for block in [module for module in model.modules() if isinstance(module, BloomBlock)]:
-            block.compile()
-    optimizer = build_optimizer(model, config.optimizer, config.train.precision, layout.zero_stage)
-    engine = TrainingEngine(model, optimizer, config.train, config.optimizer.grad_clip, layout, resume.universal)
-    return engine, build_scheduler(engine.optimizer, config.optimizer, config.train.max_steps,
-                                   config.train.global_batch_size)
-
 
 @dataclass
 class Step:
@@ -99,8 +69,14 @@ class Trainer:
         self.run_dir = Path(config.run.dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
         self.heartbeat = Heartbeat(self.run_dir, context.rank)
+        self.bounds = CollectiveBounds(config.distributed.timeout_minutes * 60, config.distributed.step_timeout_factor,
+                                       config.distributed.min_step_timeout_seconds, set_collective_timeout)
+        self.stop_reason: str | None = None  # agreed by every rank, in the loop or inside an evaluation
+        self.run_lock: RunLock | None = None  # rank 0's hold on the run directory, given back by close()
+        self.last_evaluation: tuple[int, bool] | None = None  # (step, whether its loss was finite)
+        self.failed_save_step: int | None = None
         self.health = StepHealth(train.max_skipped_steps, train.precision == "fp16", train.loss_spike_factor,
-                                 train.loss_spike_window, train.inject_loss_spike_at)
+                                 train.loss_spike_window, train.inject_loss_spike_at, train.inject_nonfinite_at)
         self._write_config()
         self.tokenizer = self._check_data()
         self._build_and_restore()
@@ -149,7 +125,8 @@ class Trainer:
         self.dataset = build_train_dataset(self.blend, self.tokenizer, train.seq_length, self.total_samples,
                                            train.seed, self.run_dir / "data_index")
         self.batches = self._batches_from(self.progress)
-        self.validation = self._build_validation()
+        self.validation = build_validation(self.blend, self.tokenizer, train, config.eval, self.batch_layout,
+                                           self.run_dir / "data_index", self.context.is_main)
 
     def _start_logging(self) -> None:
         """Rank 0: the plan, MFU's peak, then the metrics sinks. The peak is measured before W&B starts its
@@ -184,19 +161,22 @@ class Trainer:
                                             step.param_norm)
                 self._count_skipped(verdict, step.result)
                 self._log_step(step, display)
-                self.heartbeat.step = self.progress.step
+                self.bounds.record(step.elapsed)
+                self.heartbeat.step, self.heartbeat.step_seconds = self.progress.step, self.bounds.median_step
                 if verdict.action in (Action.DIVERGED, Action.WEIGHTS_DIVERGED):
-                    status = self._stop_diverged(verdict)
+                    status = self._stop_diverged(self._what_diverged(verdict))
                 elif verdict.action is Action.ROLL_BACK:
                     status = self._roll_back(verdict)
                 else:
                     stop_early = self._evaluate_if_due()
                     status = self._checkpoint_and_decide_exit(verdict, stop_early)
+        if status is None:
+            status = self._end_of_run_status()
         self.stops.restore()
         if self.metrics is not None:
             self.metrics.close()
             self._print_summary()
-        return status or 0
+        return status
 
     def train_step(self) -> Step:
         """One optimizer step over the next global batch (collective: every rank)."""
@@ -231,8 +211,9 @@ class Trainer:
                        f"{progress.best_valid_loss:.4f} for {self.config.eval.early_stop_patience} "
                        "evaluations (eval.early_stop_patience); checkpoint saved")
             return 0
-        self.activity = "agreeing on whether to stop"
-        reason = self.stops.agreed_reason(self.context.device)
+        if self.stop_reason is None and progress.step < train.max_steps:  # unless agreed during the evaluation
+            self._stop_agreed()
+        reason = self.stop_reason
         if reason is None or progress.step >= train.max_steps:
             return None
         if not due:
@@ -242,6 +223,13 @@ class Trainer:
             notify(f"stopped after step {progress.step} ({reason}); checkpoint saved, "
                    f"exiting with status {EXIT_RESUMABLE} so the job can be requeued")
         return EXIT_RESUMABLE
+
+    def _stop_agreed(self) -> bool:
+        """Collective: whether every rank stops now (a signal or the time budget on any of them)."""
+        activity, self.activity = self.activity, "agreeing on whether to stop"
+        self.stop_reason = self.stops.agreed_reason(self.context.device)
+        self.activity = activity
+        return self.stop_reason is not None
 
     def _record_stop(self, reason: str, status: int) -> None:
         """``RUN_DIR/stopped.json``: why and how the run stopped, for the launcher and job scripts."""
@@ -268,7 +256,8 @@ class Trainer:
             self._record_stop("loss spike", EXIT_DIVERGED)
             return EXIT_DIVERGED
         passed_over = position - (plan.meta.progress.consumed_samples + plan.meta.progress.skipped_samples)
-        restored = self.checkpoints.restore(plan, self.engine.engine, self.scheduler)
+        with self.bounds.long_phase():
+            restored = self.checkpoints.restore(plan, self.engine.engine, self.scheduler)
         restored.skipped_samples = position - restored.consumed_samples
         restored.loss_spikes = old.loss_spikes + 1
         restored.wandb_run_id, restored.nonfinite_steps = old.wandb_run_id, old.nonfinite_steps
@@ -291,18 +280,34 @@ class Trainer:
                            "the run stops after train.max_skipped_steps=%d such steps in a row)",
                            self.progress.step + 1, result.loss, result.grad_norm, self.config.train.max_skipped_steps)
 
-    def _stop_diverged(self, verdict: Verdict) -> int:
+    def _what_diverged(self, verdict: Verdict) -> str:
+        if verdict.action is Action.WEIGHTS_DIVERGED:
+            return f"the weights became NaN/Inf at step {self.progress.step}"
+        streak = self.health.non_finite
+        return (f"the loss or gradients were NaN/Inf for {streak.in_a_row} steps in a row (steps {streak.first_step}-"
+                f"{self.progress.step}, each skipped; train.max_skipped_steps={self.config.train.max_skipped_steps})")
+
+    def _end_of_run_status(self) -> int:
+        """0 only for a run that ends with a usable checkpoint of healthy weights: not inside a streak of skipped
+        steps (too short to have stopped it), not with a non-finite final validation, not after a failed last save."""
+        streak, step = self.health.non_finite, self.progress.step
+        if streak.in_a_row:
+            return self._stop_diverged(f"the run ended inside a streak of {streak.in_a_row} NaN/Inf steps (steps "
+                                       f"{streak.first_step}-{step}, each skipped)")
+        if self.last_evaluation == (step, False):
+            return self._stop_diverged(f"the validation loss after the last step ({step}) is NaN/Inf")
+        if self.failed_save_step == step:
+            if self.context.is_main:
+                notify(f"the checkpoint of the last step ({step}) could not be saved (checkpoint.on_error=continue); "
+                       f"the newest is {latest_checkpoint(self.checkpoints_dir)}. Free space, then restart to finish")
+            return 1
+        return 0
+
+    def _stop_diverged(self, what: str) -> int:
         """Stop without saving: the newest checkpoint is the last good state."""
         if self.context.is_main:
             latest = latest_checkpoint(self.checkpoints_dir)
             kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
-            non_finite = self.health.non_finite
-            if verdict.action is Action.WEIGHTS_DIVERGED:
-                what = f"the weights became NaN/Inf at step {self.progress.step}"
-            else:
-                what = (f"the loss or gradients were NaN/Inf for {non_finite.in_a_row} steps in a row (steps "
-                        f"{non_finite.first_step}-{self.progress.step}, each skipped; train.max_skipped_steps="
-                        f"{self.config.train.max_skipped_steps})")
             notify(f"training diverged: {what}; nothing saved after it, {kept}. Lower optimizer.lr (now "
                    f"{self.config.optimizer.lr:g}) or check the data, then restart: it resumes from that checkpoint")
         self._record_stop("diverged", EXIT_DIVERGED)
@@ -331,21 +336,6 @@ class Trainer:
         self.metrics.log(metrics, progress.step)
         display.update(progress.step, metrics)
 
-    def _build_validation(self) -> Validation | None:
-        config, train = self.config, self.config.train
-        if not config.eval.interval:
-            return None
-        if not self.blend.validation_sets:
-            if self.context.is_main:
-                logger.warning("eval.interval=%d but data.blend lists no validation sets (valid_prefix): no "
-                               "evaluation; the data pipeline writes them (split.valid_fraction)", config.eval.interval)
-            return None
-        datasets = build_validation_datasets(self.blend, self.tokenizer, train.seq_length,
-                                             config.eval.iters * train.global_batch_size, train.seed,
-                                             self.run_dir / "data_index")
-        full_batches = dataclasses.replace(self.batch_layout, rampup=None)  # evaluation ignores the ramp-up
-        return Validation(datasets, full_batches, config.eval.iters, train.seq_length)
-
     def _evaluate_if_due(self) -> bool:
         """Evaluate every ``eval.interval`` steps and after the last; True once early stopping's patience is
         used up. Every rank sees the same losses (they are reduced over the data-parallel group)."""
@@ -353,7 +343,11 @@ class Trainer:
         if self.validation is None or (step % eval_config.interval and step != self.config.train.max_steps):
             return False
         self.activity = "evaluating"
-        evaluation = self.validation.run(self.engine.evaluate_step)
+        with self.bounds.long_phase():
+            evaluation = self.validation.run(self.engine.evaluate_step, self._stop_agreed)
+        if evaluation is None:  # a stop request: dropped unfinished, the stop handled after the save
+            return False
+        self.last_evaluation = (step, is_finite(evaluation["loss"]))
         if self.metrics is not None:
             self.metrics.log_eval(evaluation, step)
             notify(f"validation at step {step}: loss {evaluation['loss']:.4f}, perplexity "
@@ -371,20 +365,25 @@ class Trainer:
                             self.config.data.num_workers, offset=progress.skipped_samples)
 
     def close(self) -> None:
-        """End the data loader's workers and the heartbeat; safe to call more than once."""
+        """End the data loader's workers and the heartbeat, give back the run directory; safe to call more
+        than once."""
         self.heartbeat.stop()
         self.batches.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def save(self) -> Path | None:
         """Collective; None when the save failed and ``checkpoint.on_error=continue``."""
         try:
-            return self.checkpoints.save(self.engine.engine, self.scheduler, self.progress)
+            with self.bounds.long_phase():
+                return self.checkpoints.save(self.engine.engine, self.scheduler, self.progress)
         except CheckpointSaveError as error:
             if self.config.checkpoint.on_error != "continue":
                 raise
             if self.context.is_main:
                 notify(f"{error}; training goes on (checkpoint.on_error=continue) and saves again "
                        "at the next interval")
+            self.failed_save_step = self.progress.step
             return None
 
     def _print_summary(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -69,3 +70,17 @@ def test_measured_peak_agrees_with_a_long_independent_measurement():
         pytest.fail(f"the machine's matmul speed never held steady across an attempt: {attempts}")
     independent = max(before, after)
     assert abs(peak.flops - independent) / independent < 0.15, attempts
+
+
+@pytest.mark.slow
+def test_the_peak_probe_is_bounded_and_says_when_a_precision_is_slow(caplog):
+    """fp16 matmuls on a CPU without fp16 instructions run at a few GFLOP/s: the full-size probe took many
+    minutes there. Now its sizes shrink to fit, and the run is told that fp32 would be faster."""
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="bloomtrain.flops"):
+        peak = device_peak(torch.device("cpu"), torch.float16)
+    assert time.perf_counter() - started < 60
+    assert peak.flops > 0 and "float16 matmuls" in peak.source
+    slow = [record.getMessage() for record in caplog.records if "fp32 will train faster" in record.getMessage()]
+    if slow:  # on this kind of CPU: the factor it states is at least the threshold
+        assert float(slow[0].split("x slower than fp32")[0].rsplit(" ", 1)[1]) >= 4

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -292,3 +294,41 @@ def test_single_process_matches_the_golden_curve(reference):
     golden = json.loads((REPO / "tests" / "golden" / "bloom_tiny_fp32.json").read_text())
     assert [m["loss"] for m in reference] == pytest.approx(golden["loss"], rel=2e-5)
     assert [m["grad_norm"] for m in reference] == pytest.approx(golden["grad_norm"], rel=2e-4)
+
+
+def test_a_stale_op_build_lock_is_removed_and_a_live_build_is_waited_for(tmp_path, monkeypatch, caplog):
+    """torch's op builder waits forever on a ``lock`` that a killed build left behind (SIGTERM or SIGKILL
+    end it before it can clean up): no process builds under it, so it is removed with a notice; a lock
+    that a live build holds (its compiler works in the folder) is waited for, and the wait is said."""
+    from bloomtrain.parallel import cpu
+
+    monkeypatch.setattr(cpu, "BUILD_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(cpu, "WAIT_NOTICE_SECONDS", 0.5)
+    stale = tmp_path / "stale" / "deepspeed_shm_comm"
+    stale.mkdir(parents=True)
+    (stale / "lock").touch()
+    with caplog.at_level(logging.WARNING, logger="bloomtrain.parallel.cpu"):
+        _within(10, cpu._wait_for_build_lock, stale)
+    assert not (stale / "lock").exists() and "removed a stale build lock" in caplog.text
+
+    caplog.clear()
+    live = tmp_path / "live" / "deepspeed_shm_comm"
+    live.mkdir(parents=True)
+    (live / "lock").touch()
+    builder = subprocess.Popen(["sh", "-c", "sleep 3; rm lock"], cwd=live)  # stands for ninja and the compiler
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="bloomtrain.parallel.cpu"):
+        _within(10, cpu._wait_for_build_lock, live)
+    builder.wait()
+    assert time.monotonic() - started >= 2.5  # it waited for the build to give the lock back
+    assert "waiting for another process to finish compiling" in caplog.text and "removed" not in caplog.text
+
+
+def _within(seconds: float, function, *args) -> None:
+    """Call ``function`` in a thread; fail (instead of hanging the suite) when it has not returned in time."""
+    import threading
+
+    worker = threading.Thread(target=function, args=args, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{function.__name__} still waiting after {seconds} s"

@@ -78,8 +78,11 @@ class LaunchConfig:
     suggest_top: int = 5
     """How many layouts ``launch.suggest=true`` lists."""
     hang_warning_minutes: float = 5.0
-    """Warn when a rank has not finished a step for this long while another has (its heartbeat file in
-    RUN_DIR/heartbeats); 0 = never. The ranks themselves give up at distributed.timeout_minutes."""
+    """Warn when a rank has not written its heartbeat (RUN_DIR/heartbeats, every 5 s while it runs) for this
+    long while another has, before the rank's step time is known; 0 = never. The ranks themselves give up
+    at the collective timeout (``distributed.*``)."""
+    hang_warning_factor: float = 10.0
+    """Once a rank's heartbeat carries its median step time: warn after this many of them (at least 30 s)."""
 
     def __post_init__(self) -> None:
         require(self.processes is None or self.processes >= 1, "launch.processes must be >= 1 or null")
@@ -90,6 +93,7 @@ class LaunchConfig:
                 f"launch.rendezvous={self.rendezvous!r} must be HOST:PORT")
         require(self.stop_grace_seconds >= 1, "launch.stop_grace_seconds must be >= 1")
         require(self.hang_warning_minutes >= 0, "launch.hang_warning_minutes must be >= 0 (0 = never)")
+        require(self.hang_warning_factor > 0, "launch.hang_warning_factor must be positive")
         require(self.gpu in PLANNED_GPUS, f"launch.gpu={self.gpu!r} is not one of {', '.join(PLANNED_GPUS)}; "
                 "pick the closest and set launch.gpu_memory_gb")
         require(self.gpu_memory_gb is None or self.gpu_memory_gb > 0, "launch.gpu_memory_gb must be positive or null")

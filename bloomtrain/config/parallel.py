@@ -41,8 +41,17 @@ class DistributedConfig:
     """How long ranks wait for each other."""
 
     timeout_minutes: float = 10.0
-    """Bound on every collective: when a peer died or hangs, the other ranks stop after this long with a
-    message naming the collective, instead of waiting (gloo's and NCCL's default is 30 minutes)."""
+    """Bound on every collective during start-up, evaluation and checkpoint saving, and on the steps until
+    their time is known: when a peer died or hangs, the other ranks stop after this long with a message
+    naming the collective, instead of waiting (gloo's and NCCL's default is 30 minutes)."""
+    step_timeout_factor: float = 20.0
+    """Once the first steps are timed, a collective inside a step gives up after this many median steps
+    (at least ``distributed.min_step_timeout_seconds``): bloom-tiny's 0.1 s step after a minute, BLOOM-176B's
+    2.4-minute step after 47 minutes (docs/reliability.md). 0 keeps ``timeout_minutes`` throughout."""
+    min_step_timeout_seconds: float = 60.0
+    """The shortest bound a step's collectives get, however short the step."""
 
     def __post_init__(self) -> None:
         require(self.timeout_minutes > 0, "distributed.timeout_minutes must be positive")
+        require(self.step_timeout_factor >= 0, "distributed.step_timeout_factor must be >= 0 (0 = off)")
+        require(self.min_step_timeout_seconds > 0, "distributed.min_step_timeout_seconds must be positive")

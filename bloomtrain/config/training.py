@@ -96,6 +96,9 @@ class TrainConfig:
     inject_loss_spike_at: list[int] = field(default_factory=list)
     """Testing the guard (as Megatron-LM's error injection): the loss the guard sees the first time the run
     reaches each of these steps is multiplied by 1000. Training itself is unchanged."""
+    inject_nonfinite_at: list[int] = field(default_factory=list)
+    """Testing the non-finite guard: the loss the guard sees the first time the run reaches each of these
+    steps is NaN (the step counts as skipped; training itself is unchanged)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "global_batch_size", "seq_length"):

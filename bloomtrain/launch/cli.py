@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                                int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1))
     if threads is not None:
         env.setdefault("OMP_NUM_THREADS", str(threads))
-    return run_forwarding_stops(command, env, Path(config.run.dir), launch.hang_warning_minutes)
+    return run_forwarding_stops(command, env, Path(config.run.dir), launch.hang_warning_minutes,
+                                launch.hang_warning_factor)
 
 
 def _submit_to_slurm(config: BloomTrainConfig, overrides: list[str], processes: int, plan: str) -> int:

@@ -57,7 +57,7 @@ def end_process_tree(root: int, grace_seconds: float = 10.0) -> None:
 
 
 def run_forwarding_stops(command: list[str], env: dict[str, str], run_dir: Path,
-                         hang_warning_minutes: float = 0.0) -> int:
+                         hang_warning_minutes: float = 0.0, hang_warning_factor: float = 10.0) -> int:
     """Run torchrun, passing SIGTERM/SIGUSR1/SIGINT on once; 75 if the ranks then stopped with a
     checkpoint. A second Ctrl-C ends every process at once; no rank outlives the launcher."""
     started = time.time()
@@ -84,12 +84,13 @@ def run_forwarding_stops(command: list[str], env: dict[str, str], run_dir: Path,
     warned: set[int] = set()
     try:
         while (status := _wait(child, 5.0 if hang_warning_minutes else None)) is None:
-            for rank, beat in quiet_ranks(run_dir, hang_warning_minutes * 60, started).items():
+            for rank, (beat, bound) in quiet_ranks(run_dir, started, hang_warning_minutes * 60,
+                                                    hang_warning_factor).items():
                 if rank not in warned:
                     warned.add(rank)
-                    print(f"bloomtrain.launch: rank {rank} has not responded for over {hang_warning_minutes:g} "
-                          f"min (after step {beat['step']}) while other ranks have: it hangs or is stopped "
-                          f"({run_dir}/heartbeats). Its peers give up after distributed.timeout_minutes",
+                    print(f"bloomtrain.launch: rank {rank} has not responded for over {bound:.0f} s "
+                          f"(after step {beat['step']}) while other ranks have: it hangs or is stopped "
+                          f"({run_dir}/heartbeats). Its peers give up at the collective timeout (distributed.*)",
                           file=sys.stderr, flush=True)
     finally:
         for signum, handler in previous.items():

@@ -21,6 +21,7 @@ from torch import nn
 
 from bloomtrain.config import ModelConfig
 from bloomtrain.model import build_model
+from bloomtrain.model.bloom import BloomBlock
 from bloomtrain.parallel.layout import ParallelLayout
 from bloomtrain.parallel.names import plain_name, shard_dim
 from bloomtrain.parallel.pipeline import build_pipeline_module, recompute
@@ -29,7 +30,8 @@ from bloomtrain.parallel.tensor_parallel import apply_tensor_parallel
 
 def build_parallel_model(config: ModelConfig, layout: ParallelLayout, device: torch.device, seed: int,
                          padded_vocab_size: int, activation_checkpointing: bool = False,
-                         initial_weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                         initial_weights: dict[str, torch.Tensor] | None = None, compile_blocks: bool = False
+                         ) -> nn.Module:
     """This rank's part of the model; ``initial_weights`` (full, plain-named) replace the initialisation."""
     if layout.pipeline > 1:
         # The pipeline module applies tensor parallelism and recomputation per stage as it builds them.
@@ -42,7 +44,16 @@ def build_parallel_model(config: ModelConfig, layout: ParallelLayout, device: to
             apply_activation_checkpointing(module)
     if initial_weights is not None:
         load_plain_weights(module, initial_weights, config.num_layers)
+    if compile_blocks:
+        apply_compile(module)
     return module
+
+
+def apply_compile(module: nn.Module) -> None:
+    """torch.compile every block, wherever the layout put it (pipeline stages wrap them): its elementwise
+    work fused; the first step pays for the compilation (``train.compile``)."""
+    for block in [child for child in module.modules() if isinstance(child, BloomBlock)]:
+        block.compile()
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

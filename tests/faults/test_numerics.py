@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from bloomtrain.health import EXIT_DIVERGED, LossSpikes, NonFiniteSteps
-from tests.conftest import run_train
+from tests.conftest import REPO, run_train
 from tests.faults.helpers import assert_one_line_error, latest, metrics, tiny_run
 
 
@@ -100,3 +102,27 @@ def test_a_spike_with_no_rollback_left_stops_the_run(tmp_path, sample_cache):
                                  "train.loss_spike_max_rollbacks=0 used up")
     assert "Stopping with nothing saved after it" in line
     assert latest(run_dir) == "step_4"
+
+
+@pytest.mark.slow
+def test_a_run_ending_inside_a_short_streak_exits_3_and_one_that_recovers_exits_0(tmp_path, sample_cache):
+    """Exit 0 only with a checkpoint of healthy weights: lr=1e6 makes steps 2-6 NaN, fewer than
+    train.max_skipped_steps=10, so only the end of the run can tell; through the launcher, as a job runs it."""
+    diverged = tmp_path / "diverged"
+    result = subprocess.run([sys.executable, "-m", "bloomtrain.launch", "launch.processes=1",
+                             *tiny_run(diverged, sample_cache, "optimizer.lr=1e6", "train.max_steps=6",
+                                       "checkpoint.interval=0")], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == EXIT_DIVERGED, result.stderr[-3000:]
+    assert_one_line_error(result.stdout + result.stderr, "training diverged",
+                          "the run ended inside a streak of 5 NaN/Inf steps (steps 2-6", "no checkpoint was saved",
+                          "optimizer.lr")
+    assert json.loads((diverged / "stopped.json").read_text())["exit_status"] == EXIT_DIVERGED
+    assert not (diverged / "checkpoints" / "latest").exists()
+
+    # Steps 3 and 4 skipped (the guard sees NaN there), then healthy again: exit 0, saved at the end.
+    recovered = tmp_path / "recovered"
+    result = run_train(tiny_run(recovered, sample_cache, "train.max_steps=6", "checkpoint.interval=0",
+                                "train.inject_nonfinite_at=[3,4]"))
+    assert [row["nonfinite_steps"] for row in metrics(recovered)] == [0, 0, 1, 2, 2, 2]
+    assert latest(recovered) == "step_6" and "training diverged" not in result.stdout + result.stderr

@@ -14,56 +14,60 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_torchrun
 from tests.faults.helpers import assert_one_line_error, latest, metrics, tiny_run
 
 pytestmark = pytest.mark.multiprocess
 
-TIMEOUT_MINUTES = 0.5  # collectives give up after 30 s
-HANG_WARNING_MINUTES = 0.2  # the launcher names a silent rank after 12 s
 
 
 class Launch:
     """``python -m bloomtrain.launch`` with two ranks, stopped after ``max_steps`` unless a fault comes first."""
 
-    def __init__(self, run_dir: Path, cache: Path, max_steps: int = 400) -> None:
+    def __init__(self, run_dir: Path, cache: Path, max_steps: int = 400, *extra: str) -> None:
         overrides = tiny_run(run_dir, cache, "parallel.data=2", "launch.processes=2", f"train.max_steps={max_steps}",
-                             "optimizer.decay_steps=400", "checkpoint.interval=2",
-                             f"distributed.timeout_minutes={TIMEOUT_MINUTES}",
-                             f"launch.hang_warning_minutes={HANG_WARNING_MINUTES}")
+                             "optimizer.decay_steps=400", "checkpoint.interval=2", *extra)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.run_dir = run_dir
-        self.process = subprocess.Popen([sys.executable, "-m", "bloomtrain.launch", *overrides], cwd=REPO, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True)
+        # The output goes to a file, so a test can read what was said so far while the run goes on.
+        self.output = run_dir.parent / f"{run_dir.name}-launcher-{time.monotonic_ns()}.log"
+        with self.output.open("w") as output:
+            self.process = subprocess.Popen([sys.executable, "-m", "bloomtrain.launch", *overrides], cwd=REPO,
+                                            env=env, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                            start_new_session=True)
+
+    def said(self) -> str:
+        return self.output.read_text()
 
     def wait_for_checkpoint(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not (self.run_dir / "checkpoints" / "latest").exists():
-            assert self.process.poll() is None, self.process.communicate()
+            assert self.process.poll() is None, self.said()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.2)
 
     def rank(self, rank: int) -> psutil.Process:
+        """The rank's own process (torchrun's child), not its data loader's worker, which shares its command."""
         for child in psutil.Process(self.process.pid).children(recursive=True):
             try:
-                if "bloomtrain.train" in child.cmdline() and child.environ().get("RANK") == str(rank):
+                if ("bloomtrain.train" in child.cmdline() and child.environ().get("RANK") == str(rank)
+                        and "bloomtrain.launch.torchrun" in child.parent().cmdline()):
                     return child
             except psutil.Error:
                 continue
         raise AssertionError(f"rank {rank} not found")
 
     def finish(self, timeout: float) -> tuple[int, str, float]:
-        """(exit status, stdout + stderr, seconds it took)."""
+        """(exit status, what it said, seconds it took)."""
         started = time.monotonic()
         try:
-            stdout, stderr = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             from bloomtrain.launch.local import end_process_tree
 
             end_process_tree(self.process.pid, grace_seconds=2)
             raise AssertionError(f"the launcher did not exit within {timeout} s") from None
-        return self.process.returncode, stdout + stderr, time.monotonic() - started
+        return self.process.returncode, self.said(), time.monotonic() - started
 
 
 def _processes_of(run_dir: Path) -> list[psutil.Process]:
@@ -92,22 +96,36 @@ def test_a_killed_rank_ends_the_run_in_seconds_and_a_restart_resumes(tmp_path, s
     assert metrics(tmp_path / "run")[-1]["step"] == saved + 2
 
 
-def test_a_hung_rank_is_named_by_the_launcher_and_its_peers_give_up_within_the_timeout(tmp_path, sample_cache):
+def test_a_hung_rank_is_named_and_the_run_ends_at_the_speed_of_the_step(tmp_path, sample_cache):
+    """Default settings: once the steps are timed (0.1 s each here), the launcher names a silent rank after
+    30 s (10 steps' worth, at least 30 s) and its peers' collectives give up after 60 s (20 steps' worth, at
+    least a minute), instead of the start-up bounds of 5 and 10 minutes."""
     run = Launch(tmp_path / "run", sample_cache)
     run.wait_for_checkpoint()
+    deadline = time.monotonic() + 120
+    while len(metrics(tmp_path / "run")) < 6:  # past the steps that time the step
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     hung = run.rank(1)
     hung.suspend()  # SIGSTOP: alive, silent, holding its peers in the next collective
+    stopped = time.monotonic()
+    named_after = None
     try:
-        status, output, seconds = run.finish(timeout=180)
+        while run.process.poll() is None and time.monotonic() - stopped < 200:
+            time.sleep(0.5)
+            if named_after is None and "rank 1 has not responded" in run.said():
+                named_after = time.monotonic() - stopped
+        status, output, _ = run.finish(timeout=30)
     finally:
         if hung.is_running():
             hung.kill()
+    ended_after = time.monotonic() - stopped
     assert status != 0
-    # Warned first, then rank 0's collective timed out, then torchrun ended the stopped rank.
-    assert_one_line_error(output, "rank 1 has not responded for over 0.2 min")
-    line = assert_one_line_error(output, "rank 0: a collective failed while", "distributed.timeout_minutes=0.5")
+    line = assert_one_line_error(output, "rank 1 has not responded for over 30 s")
+    assert named_after is not None and named_after < 60, (named_after, line)
+    line = assert_one_line_error(output, "rank 0: a collective failed while", "collectives gave up after 60 s")
     assert "Timed out" in line or "timed out" in line
-    assert seconds < TIMEOUT_MINUTES * 60 + 60  # the timeout, then torchrun's 30 s for a process ignoring SIGTERM
+    assert ended_after < 180, ended_after  # the timeout, then torchrun's 30 s for a process ignoring SIGTERM
     assert not _processes_of(tmp_path / "run")
 
 
@@ -123,3 +141,29 @@ def test_ctrl_c_on_the_launcher_saves_and_leaves_no_process_behind(tmp_path, sam
     assert latest(tmp_path / "run") == f"step_{stopped_at}"  # nothing lost: the last step is saved
     assert not any(rank.is_running() for rank in ranks) and not _processes_of(tmp_path / "run")
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
+
+
+def test_a_run_killed_while_deepspeed_compiles_its_op_leaves_nothing_that_hangs_the_next(tmp_path, sample_cache):
+    """On a clean cache the first run compiles DeepSpeed's CPU communication op under a lock; killed then (a
+    scheduler's SIGTERM or SIGKILL, before the run handles signals), it leaves the lock behind. The next
+    start, two ranks at once, says what it recovered, compiles once without deadlock, and trains."""
+    cache = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    lock = cache / "deepspeed_shm_comm" / "lock"
+    first = subprocess.Popen([sys.executable, "-m", "bloomtrain.train",
+                              *tiny_run(tmp_path / "first", sample_cache, "train.max_steps=2")],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not lock.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # the run, its ninja and its compiler
+    first.wait()
+    assert lock.exists()
+
+    result = run_torchrun(2, tiny_run(tmp_path / "second", sample_cache, "train.max_steps=2", "parallel.data=2"),
+                          env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=600)
+    assert "removed a stale build lock" in result.stderr and str(lock) in result.stderr
+    assert [row["step"] for row in metrics(tmp_path / "second")] == [1, 2]
+    assert (cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists() and not lock.exists()

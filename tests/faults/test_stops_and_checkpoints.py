@@ -189,3 +189,33 @@ def test_manifest_catches_truncation_and_corruption(tmp_path):
     assert "a.pt has 10 bytes, the manifest says 1000" in store.manifest_problems(directory)
     (directory / "a.pt").unlink()
     assert "a.pt is missing" in store.manifest_problems(directory)
+
+
+@pytest.mark.slow
+def test_a_stop_during_a_long_evaluation_saves_within_seconds_and_resumes_exactly(tmp_path, sample_cache):
+    """SIGTERM while step 2's evaluation runs (16 languages x 100 batches): the evaluation is dropped, not
+    half-written; step 2 is saved and the run exits 75 within seconds; the resume continues exactly."""
+    common = ("train.max_steps=4", "optimizer.decay_steps=4", "checkpoint.interval=0")
+    reference = tmp_path / "reference"
+    run_train(tiny_run(reference, sample_cache, *common))
+
+    run_dir = tmp_path / "run"
+    overrides = with_a_given_peak(tiny_run(run_dir, sample_cache, *common, "eval.interval=2", "eval.iters=100"))
+    process = subprocess.Popen([sys.executable, "-m", "bloomtrain.train", *overrides], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: len(_losses(run_dir)) >= 2 if (run_dir / "metrics.jsonl").exists() else False)
+    time.sleep(1.0)  # well inside the evaluation, which takes far longer
+    assert not (run_dir / "eval.jsonl").read_text()  # still evaluating
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 75, output[-3000:]
+    assert time.monotonic() - sent < 30
+    assert "stopped after step 2 (SIGTERM); checkpoint saved" in output
+    assert _latest_step(run_dir) == 2 and not (run_dir / "eval.jsonl").read_text()
+
+    run_train(tiny_run(run_dir, sample_cache, *common))
+    want, got = _losses(reference), _losses(run_dir)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
