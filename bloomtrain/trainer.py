@@ -136,6 +136,8 @@ class Trainer:
         config, train = self.config, self.config.train
         logger.info("the plan, sized for launch.gpu=%s (docs/planning.md):\n%s", config.launch.gpu,
                     plan_table(config, self.layout.data))
+        if not train.peak_tflops:
+            logger.info("measuring this device's peak FLOP/s for MFU (seconds; train.peak_tflops skips it)")
         peak = device_peak(self.context.device, DTYPES[train.precision], train.peak_tflops)
         logger.info("MFU's peak: %s", peak.source)
         self.meter = StepMeter(config.model, train, config.parallel.activation_checkpointing, peak,

@@ -221,3 +221,39 @@ def test_the_suggester_finds_bigscience_layout_and_explains_its_choice():
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{len(plans)} of {considered} layouts of 384 x A100-80GB fit bloom-176b" in result.stdout
     assert f"why {plans[0].layout.describe()}:" in result.stdout and "optimizer state" in result.stdout
+
+
+def test_the_plan_states_what_evaluation_costs(tmp_path, sample_cache):
+    """Languages x eval.iters forward-only global batches every eval.interval steps, in time and as a share of
+    training: BLOOM-176B's step makes 16 languages x 10 batches every 100 steps hours of work."""
+    blend = next(sample_cache.glob("sample-*/blend.json"))
+    config = load_config(["experiment=bloom-176b", f"data.blend={blend}", "eval.interval=100", "eval.iters=10"])
+    plan = plan_of(config, layout_of(config, 8))
+    minutes = 16 * 10 * plan.step.compute_s / 3 / 60
+    assert f"16 languages x 10 batches every 100 steps: {minutes:,.1f} min each" in plan.table()
+    assert minutes > 60 and f"{minutes * 60 / (100 * plan.step.total):.1%} of training" in plan.table()
+    assert "evaluation        : off" in plan_of(load_config(["experiment=bloom-176b", "eval.interval=0"]),
+                                                layout_of(config, 8)).table()
+
+
+def test_collective_bounds_follow_the_step_and_a_176b_step_never_trips_them():
+    """bloom-tiny's 0.1 s step: a minute (the floor); BLOOM-176B's planned step: 20 of them, far above a healthy
+    step's wait; evaluation and saves get the start-up bound back."""
+    from bloomtrain.health import CollectiveBounds, hang_warning_seconds
+
+    applied = []
+    tiny = CollectiveBounds(600, 20, 60, applied.append)
+    for _ in range(5):
+        tiny.record(0.1)
+    assert applied == [60] and hang_warning_seconds(tiny.median_step, 300, 10) == 30
+    with tiny.long_phase():
+        assert applied[-1] == 600
+    assert applied[-1] == 60
+
+    config = load_config(["experiment=bloom-176b"])
+    step = plan_of(config, layout_of(config, 8)).step.total
+    bloom = CollectiveBounds(600, 20, 60, applied.append)
+    for _ in range(3):
+        bloom.record(step)
+    assert bloom.current == 20 * step > 40 * 60  # 47 minutes: a healthy step waits at most one step
+    assert hang_warning_seconds(bloom.median_step, 300, 10) == 10 * step

@@ -12,6 +12,25 @@ from bloomtrain.plan.step_time import StepTime, estimate_step_time
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """What validation costs: ``languages`` x ``iters`` global batches, forward only, every ``interval`` steps."""
+
+    interval: int
+    iters: int
+    languages: int | None  # None: the blend is not readable here; the cost is then given per language
+
+    def seconds(self, step_compute_s: float) -> float:
+        """A global batch's forward is a third of its training compute (backward is twice the forward)."""
+        return (self.languages or 1) * self.iters * step_compute_s / 3
+
+    def describe(self, step_compute_s: float, step_s: float) -> str:
+        each = self.seconds(step_compute_s)
+        who = f"{self.languages} languages" if self.languages else "per language"
+        return (f"{who} x {self.iters} batches every {self.interval:,} steps: {each / 60:,.1f} min each, "
+                f"{each / (self.interval * step_s):.1%} of training")
+
+
+@dataclass(frozen=True)
 class Plan:
     layout: PlannedLayout
     memory: Memory
@@ -28,6 +47,7 @@ class Plan:
         return self.memory.total <= self.gpu_memory_bytes
 
     global_batch_size: int
+    evaluation: Evaluation | None = None
 
     @property
     def days(self) -> float:
@@ -55,6 +75,8 @@ class Plan:
                           f"bubble {self.step.bubble_s:.2f}, data-parallel {self.step.data_parallel_s:.2f}, "
                           f"tensor-parallel {self.step.tensor_parallel_s:.2f})"),
             ("steps and days", f"{self.steps:,} steps, {self.tokens / 1e9:,.1f}B tokens, {self.days:,.1f} days"),
+            ("evaluation", "off" if self.evaluation is None else
+             self.evaluation.describe(self.step.compute_s, self.step.total)),
         ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}} : {value}" for name, value in rows)
@@ -77,7 +99,23 @@ def plan_of(config: BloomTrainConfig, layout: PlannedLayout) -> Plan:
                 estimate_step_time(config.model, layout, train.precision, train.seq_length, train.global_batch_size,
                                    gpu, launch.assumed_mfu, gpus_per_node),
                 train.max_steps, run_samples(train.global_batch_size, ramp_of(config), train.max_steps),
-                train.global_batch_size * train.seq_length, launch.assumed_mfu, train.global_batch_size)
+                train.global_batch_size * train.seq_length, launch.assumed_mfu, train.global_batch_size,
+                evaluation_of(config))
+
+
+def evaluation_of(config: BloomTrainConfig) -> Evaluation | None:
+    """The run's validation, with its languages counted from ``data.blend`` when that file is here."""
+    if not config.eval.interval:
+        return None
+    languages = None
+    if config.data.blend:
+        from bloomtrain.data.blend import read_blend
+
+        try:
+            languages = len(read_blend(config.data.blend).validation_sets) or None
+        except (OSError, ValueError):
+            languages = None
+    return Evaluation(config.eval.interval, config.eval.iters, languages)
 
 
 def ramp_of(config: BloomTrainConfig) -> tuple[int, int, int] | None:
