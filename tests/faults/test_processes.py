@@ -143,27 +143,41 @@ def test_ctrl_c_on_the_launcher_saves_and_leaves_no_process_behind(tmp_path, sam
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
 
 
-def test_a_run_killed_while_deepspeed_compiles_its_op_leaves_nothing_that_hangs_the_next(tmp_path, sample_cache):
-    """On a clean cache the first run compiles DeepSpeed's CPU communication op under a lock; killed then (a
-    scheduler's SIGTERM or SIGKILL, before the run handles signals), it leaves the lock behind. The next
-    start, two ranks at once, says what it recovered, compiles once without deadlock, and trains."""
+def test_a_run_stopped_while_deepspeed_compiles_its_op_leaves_nothing_that_hangs_the_next(tmp_path, sample_cache):
+    """On a clean cache the first run compiles DeepSpeed's CPU communication op under a lock. Ctrl-C on the
+    launcher then reaches the build as a KeyboardInterrupt, which gives the lock back; a scheduler's SIGKILL
+    (or SIGTERM, before the ranks handle signals) leaves it behind. The next start, two ranks at once, says
+    what it recovered, compiles once without deadlock and trains."""
     cache = tmp_path / "torch_extensions"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "OMP_NUM_THREADS": "1"}
     lock = cache / "deepspeed_shm_comm" / "lock"
-    first = subprocess.Popen([sys.executable, "-m", "bloomtrain.train",
-                              *tiny_run(tmp_path / "first", sample_cache, "train.max_steps=2")],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not lock.exists():
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
-        time.sleep(0.1)
-    os.killpg(first.pid, signal.SIGKILL)  # the run, its ninja and its compiler
-    first.wait()
-    assert lock.exists()
 
-    result = run_torchrun(2, tiny_run(tmp_path / "second", sample_cache, "train.max_steps=2", "parallel.data=2"),
+    def build_started_since(moment: float) -> bool:
+        try:
+            return lock.stat().st_mtime > moment
+        except FileNotFoundError:
+            return False
+
+    def start_and_stop_mid_build(command: list[str], stop, started: float) -> str:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while not build_started_since(started):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.1)
+        stop(process)
+        return process.communicate(timeout=120)[0]
+
+    start_and_stop_mid_build([sys.executable, "-m", "bloomtrain.launch", "launch.processes=1",
+                              *tiny_run(tmp_path / "first", sample_cache, "train.max_steps=2")],
+                             lambda process: process.send_signal(signal.SIGINT), time.time())  # Ctrl-C
+    output = start_and_stop_mid_build(
+        [sys.executable, "-m", "bloomtrain.train", *tiny_run(tmp_path / "second", sample_cache, "train.max_steps=2")],
+        lambda process: os.killpg(process.pid, signal.SIGKILL), time.time())  # the run, its ninja and compiler
+    assert lock.exists(), output[-3000:]
+
+    result = run_torchrun(2, tiny_run(tmp_path / "third", sample_cache, "train.max_steps=2", "parallel.data=2"),
                           env={"TORCH_EXTENSIONS_DIR": str(cache)}, timeout=600)
     assert "removed a stale build lock" in result.stderr and str(lock) in result.stderr
-    assert [row["step"] for row in metrics(tmp_path / "second")] == [1, 2]
+    assert [row["step"] for row in metrics(tmp_path / "third")] == [1, 2]
     assert (cache / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").exists() and not lock.exists()
