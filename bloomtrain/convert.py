@@ -14,6 +14,7 @@ import logging
 import sys
 
 from bloomtrain.checkpoint.hf import from_hf, from_hf_to_checkpoint, to_hf
+from bloomtrain.console import route_library_notices
 
 __all__ = ["from_hf", "from_hf_to_checkpoint", "main", "to_hf"]
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("src")
         sub.add_argument("dst")
     args = parser.parse_args(argv)
+    route_library_notices()
     logging.basicConfig(level=logging.WARNING, format="bloomtrain.convert: %(message)s")
     try:
         if args.command == "to-hf":

@@ -10,11 +10,12 @@ really has. A busy machine (a VM's neighbours included) can only slow a round do
 the closest to the true peak; many short rounds give it chances to miss a disturbance, and several sizes
 keep one size's unlucky blocking or memory layout from setting the peak. The log says which source it used.
 
-The probe is bounded in time whatever the device and precision: a first ramp of matmuls (512-square,
-doubling until one takes 50 ms) tells its speed, and where one matmul at the planned sizes would take
-more than a second (bf16 on a CPU without bf16 instructions runs at about 1 GFLOP/s, where a
-4096-square matmul takes over two minutes) the sizes shrink to fit. A precision more than four times
-slower than fp32 on the same device is said once: such a run is better off in fp32.
+The probe is bounded in time whatever the device and precision. For a half precision, a first ramp of
+matmuls (512-square, doubling until one takes 50 ms) in it and in fp32 tells how the two compare. A
+precision more than four times slower than fp32 on the same device is said once (such a run is better
+off in fp32), and its sizes shrink so that one matmul takes at most a second (bf16 on a CPU without
+bf16 instructions runs at about 1 GFLOP/s, where a 4096-square matmul takes over two minutes). fp32,
+and a precision as fast as it, is measured at the full sizes even on a busy machine.
 """
 
 from __future__ import annotations
@@ -72,17 +73,18 @@ def device_peak(device: torch.device, dtype: torch.dtype, configured_tflops: flo
     # On this 2-core CPU one size could read 10-15% below another in one process and not in the next
     # (BLAS blocking, memory layout); the best over three sizes is stable.
     sizes = (4096, 6144, 8192) if device.type == "cuda" else (2048, 3072, 4096)
-    rate = ramp_matmul_flops(device, dtype)
-    if 2.0 * sizes[-1] ** 3 / rate > MAX_MATMUL_SECONDS:
-        scale = (MAX_MATMUL_SECONDS * rate / 2.0) ** (1 / 3) / sizes[-1]
-        sizes = tuple(max(64, int(size * scale) // 64 * 64) for size in sizes)
     if dtype != torch.float32:
-        fp32_rate = ramp_matmul_flops(device, torch.float32)
+        # Compared with fp32 on the same device at the same moment, so a busy machine slows both alike: a
+        # busy machine must never shrink the probe (smaller matmuls read a lower peak, a flattering MFU).
+        rate, fp32_rate = ramp_matmul_flops(device, dtype), ramp_matmul_flops(device, torch.float32)
         if rate * SLOW_PRECISION_FACTOR < fp32_rate:
             logger.warning("%s matmuls run at %.1f GFLOP/s on this %s, %.0fx slower than fp32 (%.1f GFLOP/s; a CPU "
                            "without %s instructions): train.precision=fp32 will train faster here",
                            str(dtype).removeprefix("torch."), rate / 1e9, device.type, fp32_rate / rate,
                            fp32_rate / 1e9, str(dtype).removeprefix("torch."))
+            if 2.0 * sizes[-1] ** 3 / rate > MAX_MATMUL_SECONDS:
+                scale = (MAX_MATMUL_SECONDS * rate / 2.0) ** (1 / 3) / sizes[-1]
+                sizes = tuple(max(64, int(size * scale) // 64 * 64) for size in sizes)
     measured = max(measure_matmul_flops(device, dtype, size) for size in sizes)
     threads = "" if device.type == "cuda" else f", {torch.get_num_threads()} threads"
     return Peak(measured, f"measured: {'/'.join(map(str, sizes))}-square {str(dtype).removeprefix('torch.')} "

@@ -123,7 +123,7 @@ class Trainer:
         spare_steps = train.loss_spike_max_rollbacks * config.checkpoint.interval if train.loss_spike_factor else 0
         self.total_samples = self.run_samples + spare_steps * train.global_batch_size
         if self.context.is_main:  # minutes for a large blend on the first start; cached for the next
-            logger.info("indexing the training data (megatron-core's blended dataset, cached in %s)",
+            logger.info("indexing the training data (the blended dataset's index, cached in %s)",
                         self.run_dir / "data_index")
         self.dataset = build_train_dataset(self.blend, self.tokenizer, train.seq_length, self.total_samples,
                                            train.seed, self.run_dir / "data_index")
