@@ -8,6 +8,8 @@ log instead (``RUN_DIR/logs/rank-R.log``), or nowhere for commands without a run
   CPU communication op;
 - megatron-core's notice that Transformer Engine and Apex are not installed (bloomtrain uses its plain
   PyTorch layers; Transformer Engine is an optional speed-up on GPUs);
+- lm-eval's hint, for every task that reads its data through a function (the shipped suites do), that
+  such functions take keyword arguments from ``--metadata``;
 - deprecation warnings about APIs that DeepSpeed and megatron-core call (bloomtrain calls none of
   them): raised in those libraries' code, or by torch on their behalf (torch's deprecation of
   ``all_gather_into_tensor``, which DeepSpeed's ZeRO calls every step).
@@ -35,6 +37,7 @@ LIBRARY_NOTICES = re.compile("|".join([
     r"^DeepSpeed \S+ built successfully",
     r"Transformer Engine and Apex are not installed",
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"Custom kwargs can be passed to `--metadata`",  # lm-eval, for every task with a dataset function
 ]))
 """Messages that go to the log whoever raises them."""
 
@@ -72,7 +75,8 @@ def route_library_notices(log_file: Path | None = None) -> None:
             show(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show_or_log
-    logging.getLogger("DeepSpeed").addFilter(_keep_off_the_terminal)
+    for name in ("DeepSpeed", "lm_eval.api.task"):
+        logging.getLogger(name).addFilter(_keep_off_the_terminal)
 
 
 def is_library_notice(message: str, category: type[Warning] = UserWarning, filename: str = "") -> bool:

@@ -56,13 +56,21 @@ class MetricsLogger:
         self._write(METRICS_FILE, {"step": step, **metrics})
         self._publish({key: value for key, value in metrics.items() if _is_number(value)}, step)
 
-    def log_eval(self, evaluation: dict[str, Any], step: int) -> None:
-        """One evaluation: ``{"loss", "perplexity", "languages": {lang: {"loss", "perplexity", "tokens"}}}``."""
-        self._write(EVAL_FILE, {"step": step, **evaluation})
-        scalars = {"valid/loss": evaluation["loss"], "valid/perplexity": evaluation["perplexity"]}
-        for language, values in evaluation["languages"].items():
-            scalars[f"valid/{language}/loss"] = values["loss"]
-            scalars[f"valid/{language}/perplexity"] = values["perplexity"]
+    def log_eval(self, evaluation: dict[str, Any] | None, step: int, tasks: dict[str, float] | None = None) -> None:
+        """One evaluation: ``{"loss", "perplexity", "languages": {lang: {"loss", "perplexity", "tokens"}}}``
+        and/or task scores ``{"<task>/<metric>": value}`` (``"tasks": {task: {metric: value}}`` in
+        eval.jsonl, ``tasks/<task>/<metric>`` for W&B and TensorBoard)."""
+        nested: dict[str, dict[str, float]] = {}
+        for name, value in (tasks or {}).items():
+            task, metric = name.rsplit("/", 1)
+            nested.setdefault(task, {})[metric] = value
+        self._write(EVAL_FILE, {"step": step, **(evaluation or {}), **({"tasks": nested} if nested else {})})
+        scalars = {f"tasks/{name}": value for name, value in (tasks or {}).items()}
+        if evaluation is not None:
+            scalars.update({"valid/loss": evaluation["loss"], "valid/perplexity": evaluation["perplexity"]})
+            for language, values in evaluation["languages"].items():
+                scalars[f"valid/{language}/loss"] = values["loss"]
+                scalars[f"valid/{language}/perplexity"] = values["perplexity"]
         self._publish(scalars, step)
 
     def _write(self, name: str, record: dict[str, Any]) -> None:
@@ -167,7 +175,7 @@ def summary_rows(run_dir: Path, latest_checkpoint: Path | None, wandb_files: Pat
     }
     if tensorboard:
         rows["TensorBoard"] = f"tensorboard --logdir {(run_dir / TENSORBOARD_DIR).resolve()}"
-    evaluations = read_metrics(run_dir, EVAL_FILE)
+    evaluations = [record for record in read_metrics(run_dir, EVAL_FILE) if "loss" in record]
     if evaluations:
         first, last = evaluations[0], evaluations[-1]
         rows["validation"] = (f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} "
@@ -175,4 +183,9 @@ def summary_rows(run_dir: Path, latest_checkpoint: Path | None, wandb_files: Pat
         for language, values in last["languages"].items():
             before = first["languages"].get(language, {}).get("loss", float("nan"))
             rows[f"  valid {language}"] = f"loss {before:.3f} -> {values['loss']:.3f}"
+    scored = [record for record in read_metrics(run_dir, EVAL_FILE) if record.get("tasks")]
+    if scored:
+        rows["tasks"] = f"step {scored[-1]['step']}: " + ", ".join(
+            f"{task}/{metric} {value:.4g}" for task, metrics in scored[-1]["tasks"].items()
+            for metric, value in metrics.items())
     return rows

@@ -4,7 +4,8 @@ Reads each run's ``metrics.jsonl``, ``eval.jsonl`` and ``checkpoints/latest``; p
 into ``RUN_DIR/report/`` (one run) or ``--out`` (several, default ``./bloomtrain-report``):
 
 - ``curves.png``: training loss with the validation loss, validation loss per language (one run) or per
-  run, learning rate, gradient norm, tokens/s and MFU, against the step, runs overlaid;
+  run, task scores (``eval.tasks``), learning rate, gradient norm, tokens/s and MFU, against the step, runs
+  overlaid;
 - ``summary.json`` (one run: its summary; several: one per run) and ``summary.md``, the same as tables.
 """
 
@@ -39,7 +40,13 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "consumed_samples": metrics[-1]["consumed_samples"],
         "latest_checkpoint": str(latest) if latest else None,
     }
-    evaluations = read_metrics(run_dir, EVAL_FILE)
+    records = read_metrics(run_dir, EVAL_FILE)
+    evaluations = [record for record in records if "loss" in record]  # the others hold task scores only
+    scored = [record for record in records if record.get("tasks")]
+    if scored:
+        summary.update({"tasks_step": scored[-1]["step"], "tasks": {
+            f"{task}/{metric}": value for task, metrics in scored[-1]["tasks"].items()
+            for metric, value in metrics.items()}})
     if evaluations:
         first, last = evaluations[0], evaluations[-1]
         summary.update({
@@ -58,18 +65,23 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "loss (train; validation dashed)"), ("valid", "validation loss"), ("lr", "learning rate"),
-              ("grad_norm", "gradient norm"), ("tokens_per_s", "tokens / s"), ("mfu", "MFU")]
-    figure, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharex=True)
+    panels = [("loss", "loss (train; validation dashed)"), ("valid", "validation loss"),
+              ("tasks", "task scores (eval.tasks)"), ("lr", "learning rate"), ("grad_norm", "gradient norm"),
+              ("tokens_per_s", "tokens / s"), ("mfu", "MFU")]
+    figure, axes = plt.subplots(2, 4, figsize=(18, 7.5), sharex=True)
     several = len(run_dirs) > 1
     for index, run_dir in enumerate(run_dirs):
         color = f"C{index % 10}"
         label = run_dir.name if several else None
-        metrics, evaluations = read_metrics(run_dir), read_metrics(run_dir, EVAL_FILE)
-        for axis, (key, title) in zip(axes.flat, panels, strict=True):
+        metrics, records = read_metrics(run_dir), read_metrics(run_dir, EVAL_FILE)
+        evaluations = [record for record in records if "loss" in record]
+        for axis, (key, title) in zip(axes.flat, panels, strict=False):
             axis.set_title(title)
             if key == "valid":
                 _plot_validation(axis, evaluations, color, label if several else None, per_language=not several)
+                continue
+            if key == "tasks":
+                _plot_tasks(axis, [record for record in records if record.get("tasks")], label)
                 continue
             points = [(m["step"], m[key]) for m in metrics if m.get(key) is not None]
             axis.plot([p[0] for p in points], [p[1] for p in points], linewidth=1.2, color=color, label=label)
@@ -80,6 +92,7 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
+    axes.flat[-1].axis("off")
     for axis in axes[1]:
         axis.set_xlabel("step")
     figure.suptitle("bloomtrain " + (f"runs {', '.join(d.name for d in run_dirs)}" if several else
@@ -107,6 +120,19 @@ def _plot_validation(axis, evaluations: list[dict], color: str, label: str | Non
         axis.plot(steps, [e["loss"] for e in evaluations], color=color, marker="o", markersize=3, label=label)
 
 
+def _plot_tasks(axis, scored: list[dict], run_label: str | None) -> None:
+    if not scored:
+        axis.text(0.5, 0.5, "no task scores (eval.tasks)", ha="center", va="center", transform=axis.transAxes)
+        return
+    for task, metrics in scored[-1]["tasks"].items():
+        for metric in metrics:
+            points = [(record["step"], record["tasks"][task][metric]) for record in scored
+                      if metric in record["tasks"].get(task, {})]
+            name = f"{task}/{metric}"
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, linewidth=1,
+                      label=f"{run_label}: {name}" if run_label else name)
+
+
 def markdown(summaries: dict[str, dict[str, Any]]) -> str:
     names = list(summaries)
     rows = ["steps", "first_loss", "last_loss", "loss_drop", "first_valid_loss", "last_valid_loss",
@@ -122,6 +148,10 @@ def markdown(summaries: dict[str, dict[str, Any]]) -> str:
             for language, values in summary["valid_languages"].items():
                 lines.append(f"| {language} | {_shown(values['first_loss'])} | {_shown(values['last_loss'])} | "
                              f"{_shown(values['last_perplexity'])} |")
+        if summary.get("tasks"):
+            lines += ["", f"## Task scores: {name} (step {summary['tasks_step']})", "", "| task/metric | score |",
+                      "|---|---|"]
+            lines += [f"| {task} | {_shown(value)} |" for task, value in summary["tasks"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, summary in summaries.items():
         if several:
             print(f"== {name}")
-        shown = {key: value for key, value in summary.items() if key != "valid_languages"}
+        shown = {key: value for key, value in summary.items() if key not in ("valid_languages", "tasks")}
         width = max(len(key) for key in shown)
         for key, value in shown.items():
             print(f"{key:<{width}} : {_shown(value)}")

@@ -69,6 +69,10 @@ def build_trainer(config: BloomTrainConfig):
 
     layout = resolve_layout(config, prepare_environment())
     check_run_dir_writable(config.run.dir)
+    if config.eval.tasks:  # a task name lm-eval does not know stops the run before anything is built
+        from bloomtrain.harness.in_training import check_task_names
+
+        check_task_names(config.eval.tasks, config.eval.tasks_include_path)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but this machine has no usable CUDA GPU (torch.cuda.is_available() "
                           "is False); use train.device=auto or cpu")

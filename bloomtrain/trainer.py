@@ -26,16 +26,12 @@ from bloomtrain.checkpoint.store import CheckpointSaveError, TrainingProgress
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
 from bloomtrain.data.blend import Blend
-from bloomtrain.data.loader import (
-    BatchLayout,
-    build_train_dataset,
-    load_tokenizer,
-    step_batches,
-)
+from bloomtrain.data.loader import BatchLayout, build_train_dataset, load_tokenizer, step_batches
 from bloomtrain.data.token_files import check_token_files
 from bloomtrain.distributed import DistributedContext, set_collective_timeout
 from bloomtrain.evaluation import build_validation
 from bloomtrain.flops import device_peak
+from bloomtrain.harness.in_training import build_task_scores
 from bloomtrain.health import EXIT_DIVERGED, Action, CollectiveBounds, Heartbeat, StepHealth, Verdict, is_finite
 from bloomtrain.metrics import MetricsLogger, summary_rows
 from bloomtrain.parallel.engine import StepResult
@@ -47,6 +43,7 @@ from bloomtrain.run_lock import RunLock
 from bloomtrain.step_metrics import StepMeter
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Step:
@@ -130,6 +127,7 @@ class Trainer:
         self.batches = self._batches_from(self.progress)
         self.validation = build_validation(self.blend, self.tokenizer, train, config.eval, self.batch_layout,
                                            self.run_dir / "data_index", self.context.is_main)
+        self.task_scores = build_task_scores(config, self.engine, self.blend, self.layout.sequence_parallel)
 
     def _start_logging(self) -> None:
         """Rank 0: the plan, MFU's peak, then the metrics sinks. The peak is measured before W&B starts its
@@ -344,8 +342,11 @@ class Trainer:
     def _evaluate_if_due(self) -> bool:
         """Evaluate every ``eval.interval`` steps and after the last; True once early stopping's patience is
         used up. Every rank sees the same losses (they are reduced over the data-parallel group)."""
-        step, eval_config = self.progress.step, self.config.eval
-        if self.validation is None or (step % eval_config.interval and step != self.config.train.max_steps):
+        step, eval_config, last = self.progress.step, self.config.eval, self.config.train.max_steps
+        scores = self.task_scores.run_if_due(step, last, self) if self.task_scores is not None else None
+        if self.validation is None or (step % eval_config.interval and step != last):
+            if scores and self.metrics is not None:
+                self.metrics.log_eval(None, step, scores)
             return False
         self.activity = "evaluating"
         with self.bounds.long_phase():
@@ -354,7 +355,7 @@ class Trainer:
             return False
         self.last_evaluation = (step, is_finite(evaluation["loss"]))
         if self.metrics is not None:
-            self.metrics.log_eval(evaluation, step)
+            self.metrics.log_eval(evaluation, step, scores)
             notify(f"validation at step {step}: loss {evaluation['loss']:.4f}, perplexity "
                    f"{evaluation['perplexity']:.2f} over {len(evaluation['languages'])} languages")
         progress = self.progress

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bloomtrain.config.errors import require
 
@@ -22,7 +22,8 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation on each language's held-out tokens (the blend's ``valid_prefix`` files)."""
+    """Validation on each language's held-out tokens (the blend's ``valid_prefix`` files), and downstream
+    task scores on the running model (``tasks``, docs/evaluation.md)."""
 
     interval: int = 1000
     """Evaluate every N optimizer steps and after the last one; 0 = never."""
@@ -31,8 +32,30 @@ class EvalConfig:
     early_stop_patience: int = 0
     """Stop (with a checkpoint, exit 0) after this many evaluations without a new best validation loss;
     0 = never."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval tasks or groups scored on the running model, e.g. [nusax_sentiment, heldout]; logged as
+    tasks/<task>/<metric>. Needs lm-eval (pip install 'bloomtrain[eval]')."""
+    tasks_interval: int = 0
+    """Score the tasks every N steps and after the last; 0 = with every evaluation (eval.interval)."""
+    tasks_limit: int = 0
+    """Documents per task (the first N of its evaluation split); 0 = all of them."""
+    tasks_num_fewshot: int = 0
+    """Examples put before each document, drawn from the task's few-shot split."""
+    tasks_batch_size: int = 8
+    """Rows scored per forward pass (per data-parallel rank)."""
+    tasks_max_length: int = 0
+    """Tokens the model sees at once when scoring (contexts are cut from the left); 0 = train.seq_length."""
+    tasks_include_path: list[str] = field(default_factory=list)
+    """Folders of task YAMLs of your own (as python -m bloomtrain.harness --include_path)."""
 
     def __post_init__(self) -> None:
         require(self.interval >= 0, "eval.interval must be >= 0 (0 = no evaluation)")
         require(self.iters >= 1, "eval.iters must be >= 1")
         require(self.early_stop_patience >= 0, "eval.early_stop_patience must be >= 0 (0 = never)")
+        require(not self.tasks or bool(self.tasks_interval or self.interval),
+                "eval.tasks needs eval.tasks_interval > 0 or eval.interval > 0 (when to score them)")
+        require(self.tasks_interval >= 0 and self.tasks_limit >= 0 and self.tasks_num_fewshot >= 0,
+                "eval.tasks_interval, eval.tasks_limit and eval.tasks_num_fewshot must be >= 0")
+        require(self.tasks_batch_size >= 1, "eval.tasks_batch_size must be >= 1")
+        require(self.tasks_max_length == 0 or self.tasks_max_length >= 2,
+                "eval.tasks_max_length must be >= 2 (0 = train.seq_length)")

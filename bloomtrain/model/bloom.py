@@ -115,7 +115,8 @@ class BloomAttention(nn.Module):
         # tensor-parallel rank holds a slice and says so (parallel/tensor_parallel.py).
         self.heads_key = (self.num_heads, 0, self.num_heads)
 
-    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
         fused = self.query_key_value(hidden)
         # Under sequence parallelism the input holds a slice of the sequence and the projection
         # gathers the rest, so the shape is read from its output.
@@ -132,6 +133,12 @@ class BloomAttention(nn.Module):
         if cache is not None:
             key, value = cache.extend(layer, key, value)
         bias = ATTENTION_BIAS.get(self.heads_key, self.alibi_slopes, seq, query.dtype, key.shape[2])
+        if padding is not None:
+            # Left padding: no query looks at a padded key. ALiBi needs no shift for it: moving a row's
+            # positions by its padding adds the same amount to each of its scores, which softmax ignores.
+            # The finite minimum (not -inf) keeps the padded queries themselves, which see only padded
+            # keys, from producing NaN.
+            bias = bias.masked_fill(padding[:, None, None, :], torch.finfo(bias.dtype).min)
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         context = context.to(compute_dtype).permute(2, 0, 1, 3).reshape(seq, batch, local_heads * self.head_dim)
         return self.dense(context)
@@ -155,8 +162,9 @@ class BloomBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = BloomMLP(config)
 
-    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cache, layer)
+    def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cache, layer, padding)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -164,6 +172,8 @@ class Bloom(nn.Module):
     """BLOOM causal LM: ``model(input_ids)`` returns logits [batch, seq, padded_vocab].
 
     With a :class:`KVCache`, ``input_ids`` are the positions after those the cache holds (generation).
+    ``padding`` ([batch, keys] bool, True where a row is left-padded, the cached positions included) lets
+    prompts of different lengths be generated from together.
     """
 
     def __init__(self, config: ModelConfig, padded_vocab_size: int | None = None) -> None:
@@ -175,10 +185,11 @@ class Bloom(nn.Module):
         self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids.t()))  # [seq, batch, hidden]
         for layer, block in enumerate(self.h):
-            hidden = block(hidden) if cache is None else block(hidden, cache, layer)
+            hidden = block(hidden) if cache is None and padding is None else block(hidden, cache, layer, padding)
         return F.linear(self.ln_f(hidden), self.word_embeddings.weight).transpose(0, 1)
 
     def init_weights(self, seed: int = 0) -> None:

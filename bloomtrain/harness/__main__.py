@@ -1,0 +1,5 @@
+import sys
+
+from bloomtrain.harness.cli import main
+
+sys.exit(main())
