@@ -76,6 +76,10 @@ def read_blend(path: str | Path) -> Blend:
         raise FileNotFoundError(f"data.blend={path} does not exist; point it at the data pipeline's blend file")
     try:
         payload = json.loads(path.read_text())
+        if isinstance(payload, dict) and payload.get("kind") == "finetune":
+            raise ValueError(f"data.blend={path} holds fine-tuning data (prompt/target pairs from "
+                             "data_tools.finetune), not pretraining text; pretraining on it is not supported: give "
+                             "the data pipeline's blend.json")
         root = path.parent
         entries = [
             BlendEntry(**{**entry, "prefix": str((root / entry["prefix"]).resolve()),
