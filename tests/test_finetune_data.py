@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,58 @@ def test_the_nusax_preset_and_one_line_errors(tmp_path, sample_cache, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
+
+
+# ----------------------------------------------------------------------------------- packing
+
+
+def test_packing_places_every_example_once_and_best_fit_needs_fewest_rows():
+    import numpy as np
+
+    from bloomtrain.data.packing import pack_rows
+
+    lengths = np.random.default_rng(0).integers(1, 60, size=500)
+    packed = {method: pack_rows(lengths, 64, method) for method in ("best_fit", "greedy")}
+    for rows in packed.values():
+        assert sorted(i for row in rows for i in row) == list(range(500))
+        assert all(sum(lengths[i] for i in row) <= 64 for row in rows)
+    assert len(packed["best_fit"]) < len(packed["greedy"])
+    assert len(packed["best_fit"]) <= math.ceil(lengths.sum() / 64) * 1.05  # near the lower bound
+    assert [i for row in packed["greedy"] for i in row] == list(range(500))  # greedy keeps the order
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows(np.array([65]), 64)
+
+
+def test_packed_rows_keep_examples_whole_apart_and_seeded():
+    import numpy as np
+
+    from bloomtrain.data.packing import PackedExamples
+
+    rng = np.random.default_rng(1)
+    examples = []
+    for index in range(40):
+        length = int(rng.integers(3, 20))
+        tokens = np.arange(length, dtype=np.int64) + 100 * index
+        mask = (np.arange(length) >= length // 2).astype(np.uint8)
+        examples.append((tokens, mask))
+    owners = [0] * 20 + [1] * 20
+    data = PackedExamples(examples, [1.0, 2.0], owners, seq_length=32, epochs=2, seed=5)
+    again = PackedExamples(examples, [1.0, 2.0], owners, seq_length=32, epochs=2, seed=5)
+    assert data.rows == again.rows and data.rows[: data.epoch_starts[1]] != data.rows[data.epoch_starts[1]:]
+    for epoch_rows in (data.rows[: data.epoch_starts[1]], data.rows[data.epoch_starts[1]:]):
+        seen = sorted(i for row in epoch_rows for i in row)
+        assert seen == sorted(list(range(20)) + [i for i in range(20, 40) for _ in range(2)])  # weight 2: twice
+    assert 0.5 < data.efficiency() <= 1.0
+    for index in range(len(data)):
+        row = data[index]
+        segments = row["segments"].tolist()
+        start = 0
+        for segment, example in enumerate(data.rows[index], 1):
+            tokens, mask = examples[example]
+            end = start + len(tokens) - 1
+            assert segments[start:end] == [segment] * (end - start)  # one example, whole, contiguous
+            assert row["tokens"][start:end].tolist() == tokens[:-1].tolist()
+            assert row["labels"][start:end].tolist() == tokens[1:].tolist()  # shifted within the example
+            assert row["loss_mask"][start:end].tolist() == mask[1:].tolist()
+            start = end
+        assert set(segments[start:]) <= {0} and not row["loss_mask"][start:].any()  # padding: no loss
