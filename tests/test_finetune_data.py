@@ -202,3 +202,29 @@ def test_packed_rows_keep_examples_whole_apart_and_seeded():
             assert row["loss_mask"][start:end].tolist() == mask[1:].tolist()
             start = end
         assert set(segments[start:]) <= {0} and not row["loss_mask"][start:].any()  # padding: no loss
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("processes,layout", [(1, []), (2, ["parallel.tensor=2"]), (3, ["parallel.pipeline=3"])],
+                         ids=["single", "tensor2", "pipeline3"])
+def test_packed_examples_do_not_see_each_other(tmp_path, sample_cache, processes, layout):
+    """Changing one example's tokens leaves every other example of its row bit-identical (the middle of
+    three pipeline stages included); each example scores as it does alone; without the segments the
+    examples after the first would see the ones before them."""
+    from tests.conftest import run_torchrun, tiny_run
+
+    out = tmp_path / "scores.json"
+    run_torchrun(processes, [str(out), *tiny_run(tmp_path / "run", sample_cache, *layout)],
+                 module="tests.packing_checks")
+    result = json.loads(out.read_text())
+    for row, spans in enumerate(result["spans"]):
+        order = range(4) if row == 0 else reversed(range(4))
+        for (start, end), example in zip(spans, order, strict=True):
+            packed, changed = result["packed"][row][start:end], result["changed"][row][start:end]
+            if example == 1:
+                assert packed != changed
+            else:
+                assert packed == changed, (row, example)  # bit-identical
+            assert packed == pytest.approx(result["alone"][example], rel=1e-5, abs=1e-6)
+    start, end = result["spans"][0][3]
+    assert result["unmasked"][0][start:end] != pytest.approx(result["alone"][3], rel=1e-3)

@@ -54,8 +54,11 @@ class PlainScorer:
         return count
 
     @torch.no_grad()
-    def score(self, tokens: torch.Tensor, targets: torch.Tensor, extra: Extra = ()) -> Scores:
-        logits = self.model(tokens.to(self.device))[..., : self.vocab_size].float()
+    def score(self, tokens: torch.Tensor, targets: torch.Tensor, extra: Extra = (),
+              segments: torch.Tensor | None = None) -> Scores:
+        """``segments``: packed examples' ids per position (each example sees only itself)."""
+        segments = None if segments is None else segments.to(self.device)
+        logits = self.model(tokens.to(self.device), segments=segments)[..., : self.vocab_size].float()
         logprobs = logits.log_softmax(-1)
         chosen = logprobs.gather(-1, targets.to(self.device).unsqueeze(-1)).squeeze(-1)
         extra_logprobs = torch.stack([logprobs[row, position, token] for row, position, token in extra]).cpu() \
@@ -124,28 +127,32 @@ class EngineScorer:
         return int(value)
 
     @torch.no_grad()
-    def score(self, tokens: torch.Tensor, targets: torch.Tensor, extra: Extra = ()) -> Scores:
+    def score(self, tokens: torch.Tensor, targets: torch.Tensor, extra: Extra = (),
+              segments: torch.Tensor | None = None) -> Scores:
+        """``segments``: packed examples' ids per position (each example sees only itself)."""
         width = tokens.shape[1]
         padded = -(-width // self.width_multiple) * self.width_multiple
-        if padded != width:
+        if padded != width:  # padding of its own segment (-1), seen by nothing else
             tokens = torch.nn.functional.pad(tokens, (0, padded - width))
             targets = torch.nn.functional.pad(targets, (0, padded - width))
+            segments = None if segments is None else torch.nn.functional.pad(segments, (0, padded - width), value=-1)
         self.engine.eval()
         tokens, targets = tokens.to(self.device), targets.to(self.device)
+        segments = None if segments is None else segments.to(self.device)
         if not self.pipelined:
-            scores = self._from_vocab_parallel(self.engine(tokens), targets, extra)
+            scores = self._from_vocab_parallel(self.engine(tokens, segments=segments), targets, extra)
         else:
-            scores = self._pipelined(tokens, targets, extra)
+            scores = self._pipelined(tokens if segments is None else (tokens, segments), targets, extra)
         return Scores(scores.logprobs[:, :width].cpu(), scores.greedy[:, :width].cpu(),
                       scores.extra.cpu() if extra else None)
 
-    def _pipelined(self, tokens: torch.Tensor, targets: torch.Tensor, extra: Extra) -> Scores:
+    def _pipelined(self, inputs, targets: torch.Tensor, extra: Extra) -> Scores:
         # Shapes change from call to call: every stage sends (and expects) the activation's shape afresh.
         # The engine sums every forward's output into total_loss (reset only by train_batch): logits do not
         # add to a loss, so it starts empty and is left empty.
         self.engine.reset_activation_shape()
         self.engine.total_loss = None
-        outputs = self.engine.eval_batch(iter([(tokens, targets)]), compute_loss=False, reduce_output=None,
+        outputs = self.engine.eval_batch(iter([(inputs, targets)]), compute_loss=False, reduce_output=None,
                                          bcast_loss=False, num_micro_batches=1)
         self.engine.total_loss = None
         self.engine.reset_activation_shape()  # and training's shapes after it

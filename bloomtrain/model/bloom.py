@@ -116,7 +116,7 @@ class BloomAttention(nn.Module):
         self.heads_key = (self.num_heads, 0, self.num_heads)
 
     def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                padding: torch.Tensor | None = None) -> torch.Tensor:
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
         fused = self.query_key_value(hidden)
         # Under sequence parallelism the input holds a slice of the sequence and the projection
         # gathers the rest, so the shape is read from its output.
@@ -133,12 +133,10 @@ class BloomAttention(nn.Module):
         if cache is not None:
             key, value = cache.extend(layer, key, value)
         bias = ATTENTION_BIAS.get(self.heads_key, self.alibi_slopes, seq, query.dtype, key.shape[2])
-        if padding is not None:
-            # Left padding: no query looks at a padded key. ALiBi needs no shift for it: moving a row's
-            # positions by its padding adds the same amount to each of its scores, which softmax ignores.
-            # The finite minimum (not -inf) keeps the padded queries themselves, which see only padded
-            # keys, from producing NaN.
-            bias = bias.masked_fill(padding[:, None, None, :], torch.finfo(bias.dtype).min)
+        if allowed is not None:
+            # The finite minimum (not -inf): a query no key is allowed for (a left-padded position) then
+            # averages what it sees instead of producing NaN; an allowed key outweighs it entirely.
+            bias = bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
         context = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         context = context.to(compute_dtype).permute(2, 0, 1, 3).reshape(seq, batch, local_heads * self.head_dim)
         return self.dense(context)
@@ -163,8 +161,8 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
 
     def forward(self, hidden: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                padding: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cache, layer, padding)
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = hidden + self.self_attention(self.input_layernorm(hidden), cache, layer, allowed)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -173,7 +171,8 @@ class Bloom(nn.Module):
 
     With a :class:`KVCache`, ``input_ids`` are the positions after those the cache holds (generation).
     ``padding`` ([batch, keys] bool, True where a row is left-padded, the cached positions included) lets
-    prompts of different lengths be generated from together.
+    prompts of different lengths be generated from together; ``segments`` ([batch, seq] int, which packed
+    example each position belongs to) keeps every example to itself (:func:`attention_allowed`).
     """
 
     def __init__(self, config: ModelConfig, padded_vocab_size: int | None = None) -> None:
@@ -185,16 +184,33 @@ class Bloom(nn.Module):
         self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                padding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, padding: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.word_embeddings_layernorm(self.word_embeddings(input_ids.t()))  # [seq, batch, hidden]
+        allowed = attention_allowed(padding, segments)
         for layer, block in enumerate(self.h):
-            hidden = block(hidden) if cache is None and padding is None else block(hidden, cache, layer, padding)
+            hidden = block(hidden) if cache is None and allowed is None else block(hidden, cache, layer, allowed)
         return F.linear(self.ln_f(hidden), self.word_embeddings.weight).transpose(0, 1)
 
     def init_weights(self, seed: int = 0) -> None:
         """BLOOM's init (see :func:`init_bloom_weights`); also rebuilds buffers after a meta-device build."""
         init_bloom_weights(self, self.config, seed)
+
+
+def attention_allowed(padding: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which keys each query may see beyond the causal mask, [batch, 1, queries or 1, keys] bool; None: all.
+
+    Left padding ([batch, keys], True where padded): no query sees a padded key. Packed examples
+    ([batch, seq] segment ids): a query sees only its own example's keys, a block-diagonal mask. ALiBi
+    needs neither a position shift nor a reset: moving a row's or an example's positions adds the same
+    amount to all of a query's allowed scores, which softmax ignores.
+    """
+    if segments is not None:
+        return (segments[:, :, None] == segments[:, None, :]).unsqueeze(1)
+    if padding is not None:
+        return ~padding[:, None, None, :]
+    return None
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from torch import nn
 
 from bloomtrain.config import ModelConfig
-from bloomtrain.model.bloom import BloomBlock, init_bloom_weights
+from bloomtrain.model.bloom import BloomBlock, attention_allowed, init_bloom_weights
 from bloomtrain.parallel.layout import ParallelLayout
 from bloomtrain.parallel.names import PipelineLayer, pipeline_layers
 from bloomtrain.parallel.tensor_parallel import (
@@ -46,13 +46,25 @@ class WordEmbeddingStage(nn.Module):
             self.word_embeddings = vocab_parallel_embedding(self.word_embeddings,
                                                             megatron_layer_config(sequence_parallel))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.word_embeddings(tokens.t())  # activations are [seq, batch, hidden]
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
+        tokens, segments = _split(inputs)
+        return _join(self.word_embeddings(tokens.t()), segments)  # activations are [seq, batch, hidden]
 
 
-def lm_head(stage: WordEmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
+def lm_head(stage: WordEmbeddingStage, inputs) -> torch.Tensor:
     """The tied LM head on the last stage: (vocab-parallel) logits [batch, seq, vocab] from the shared embedding."""
+    hidden, _ = _split(inputs)
     return F.linear(hidden, stage.word_embeddings.weight).transpose(0, 1)
+
+
+def _split(inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Packed fine-tuning rows travel as (activation, segment ids) so every stage can mask attention;
+    pretraining rows as the activation alone."""
+    return (inputs[0], inputs[1]) if isinstance(inputs, tuple) else (inputs, None)
+
+
+def _join(hidden: torch.Tensor, segments: torch.Tensor | None):
+    return hidden if segments is None else (hidden, segments)
 
 
 class LayerNormStage(nn.Module):
@@ -68,8 +80,9 @@ class LayerNormStage(nn.Module):
         mark_replicated_module(norm, sequence_parallel)
         self.norm = norm
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+    def forward(self, inputs):
+        hidden, segments = _split(inputs)
+        return _join(self.norm(hidden), segments)
 
 
 class BlockStage(nn.Module):
@@ -81,8 +94,11 @@ class BlockStage(nn.Module):
             parallelize_block(block, megatron_layer_config(sequence_parallel))
         self.block = block
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.block(hidden)
+    def forward(self, inputs):
+        hidden, segments = _split(inputs)
+        if segments is None:
+            return self.block(hidden)
+        return self.block(hidden, allowed=attention_allowed(segments=segments)), segments
 
 
 def _layer_spec(layer: PipelineLayer, config: ModelConfig, padded_vocab_size: int, seed: int,
