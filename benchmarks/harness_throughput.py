@@ -46,7 +46,7 @@ def build_folder(out: Path, hidden: int, layers: int, vocab: int) -> Path:
 def models(folder: Path, batch_size: int, max_length: int):
     from lm_eval.models.huggingface import HFLM
 
-    from bloomtrain.harness.cli import load_model
+    from bloomtrain.checkpoint.loading import load_model
     from bloomtrain.harness.lm import BloomtrainLM
     from bloomtrain.harness.scoring import PlainScorer
 

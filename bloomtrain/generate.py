@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bloomtrain.checkpoint.store import TOKENIZER_DIR, CheckpointError, resolve_checkpoint
+from bloomtrain.checkpoint.loading import load_model
+from bloomtrain.checkpoint.store import CheckpointError
 from bloomtrain.console import route_library_notices
 from bloomtrain.data.tokenizer import TokenEncoder
 from bloomtrain.model import Bloom, KVCache
@@ -36,16 +37,8 @@ class Sampling:
 
 def load(path: str | Path) -> tuple[Bloom, TokenEncoder]:
     """The plain model at ``path`` (run, checkpoint of any layout, or Hugging Face directory) and its tokenizer."""
-    from bloomtrain.checkpoint.hf import from_hf, is_hugging_face_dir
-    from bloomtrain.checkpoint.weights import checkpoint_model
-
-    path = Path(path)
-    if is_hugging_face_dir(path):
-        return from_hf(path), TokenEncoder(path)
-    checkpoint = resolve_checkpoint(path)
-    if not (checkpoint / TOKENIZER_DIR).is_dir():
-        raise CheckpointError(f"{checkpoint} holds no tokenizer/ to turn the prompt into tokens")
-    return checkpoint_model(checkpoint), TokenEncoder(checkpoint / TOKENIZER_DIR)
+    loaded = load_model(path)
+    return loaded.model, loaded.tokenizer
 
 
 @torch.no_grad()

@@ -117,7 +117,7 @@ def _requests():
 
 
 def _ours(path: Path, max_length: int = 128):
-    from bloomtrain.harness.cli import load_model
+    from bloomtrain.checkpoint.loading import load_model
     from bloomtrain.harness.lm import BloomtrainLM
     from bloomtrain.harness.scoring import PlainScorer
 

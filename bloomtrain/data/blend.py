@@ -63,6 +63,10 @@ def temperature_weights(token_counts: dict[str, int], alpha: float) -> dict[str,
     return {name: value / norm for name, value in raw.items()}
 
 
+FINETUNE_KIND = "finetune"
+"""``kind`` of a blend file of fine-tuning data (``data_tools.finetune``); pretraining blends have none."""
+
+
 def write_blend(path: Path, blend: Blend) -> None:
     """Write ``blend`` to ``path``; its tokenizer and prefixes must be relative to ``path``'s folder."""
     payload = {"tokenizer": blend.tokenizer, "datasets": [asdict(entry) for entry in blend.datasets]}
@@ -76,7 +80,7 @@ def read_blend(path: str | Path) -> Blend:
         raise FileNotFoundError(f"data.blend={path} does not exist; point it at the data pipeline's blend file")
     try:
         payload = json.loads(path.read_text())
-        if isinstance(payload, dict) and payload.get("kind") == "finetune":
+        if isinstance(payload, dict) and payload.get("kind") == FINETUNE_KIND:
             raise ValueError(f"data.blend={path} holds fine-tuning data (prompt/target pairs from "
                              "data_tools.finetune), not pretraining text; pretraining on it is not supported: give "
                              "the data pipeline's blend.json")

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-FINETUNE_KIND = "finetune"
+from bloomtrain.data.blend import FINETUNE_KIND
+
 PACKING_METHODS = ("best_fit", "greedy")
 
 
@@ -50,13 +51,6 @@ class FinetuneBlend:
     tokenizer: str
     seq_length: int
     sources: list[FinetuneSource]
-
-
-def is_finetune_blend(path: str | Path) -> bool:
-    try:
-        return json.loads(Path(path).expanduser().read_text()).get("kind") == FINETUNE_KIND
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def read_finetune_blend(path: str | Path) -> FinetuneBlend:

@@ -14,59 +14,21 @@ beside the checkpoint in ``harness/results_<time>.json``. fp32, on the GPU when 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from bloomtrain.checkpoint.store import TOKENIZER_DIR, CheckpointError, resolve_checkpoint
+from bloomtrain.checkpoint.loading import LoadedModel, load_model
+from bloomtrain.checkpoint.store import CheckpointError
 from bloomtrain.config import ConfigError
 from bloomtrain.console import route_library_notices
-
-DEFAULT_HF_MAX_LENGTH = 2048  # lm-eval's own default for a model whose config names no length (BLOOM's)
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any
-    max_length: int
-    checkpoint: Path
-    step: int | None
-    config: Any  # the run's BloomTrainConfig; None for a Hugging Face folder
-
-
-def load_model(path: str | Path) -> LoadedModel:
-    """The plain model at ``path`` with its tokenizer, trained length, step and run config."""
-    from omegaconf import OmegaConf
-
-    from bloomtrain.checkpoint.hf import from_hf, is_hugging_face_dir
-    from bloomtrain.checkpoint.store import read_meta
-    from bloomtrain.checkpoint.weights import checkpoint_model
-    from bloomtrain.config import BloomTrainConfig
-    from bloomtrain.config_loader import to_validated
-    from bloomtrain.data.tokenizer import TokenEncoder
-
-    path = Path(path)
-    if is_hugging_face_dir(path):
-        return LoadedModel(from_hf(path), TokenEncoder(path), DEFAULT_HF_MAX_LENGTH, path, None, None)
-    try:
-        checkpoint = resolve_checkpoint(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is neither a bloomtrain run or checkpoint (meta.json, or checkpoints/latest) "
-                              "nor a Hugging Face BLOOM folder (config.json); give one of those") from None
-    if not (checkpoint / TOKENIZER_DIR).is_dir():
-        raise CheckpointError(f"{checkpoint} holds no tokenizer/ to turn the tasks' text into tokens")
-    config = to_validated(OmegaConf.merge(OmegaConf.structured(BloomTrainConfig),
-                                          OmegaConf.load(checkpoint / "config.yaml")))
-    return LoadedModel(checkpoint_model(checkpoint), TokenEncoder(checkpoint / TOKENIZER_DIR),
-                       config.train.seq_length, checkpoint, read_meta(checkpoint).progress.step, config)
 
 
 def blend_for(loaded: LoadedModel, metadata: dict) -> Any:
@@ -162,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "code_version": code_version(), "seed": args.seed, "processes": world_size,
             "max_length": lm.max_length, "scores": flat_scores(results),
             "run_config": None if loaded.config is None else json.loads(json.dumps(
-                _as_dict(loaded.config), default=str))}
+                dataclasses.asdict(loaded.config), default=str))}
         out = results_path(args.output_path, loaded.checkpoint)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False) + "\n")
@@ -174,12 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
-
-
-def _as_dict(config: Any) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(config)
 
 
 def _join_processes() -> tuple[int, int, torch.device]:

@@ -23,13 +23,12 @@ import xxhash
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from tqdm import tqdm
 
+from bloomtrain.data.blend import FINETUNE_KIND
 from bloomtrain.data.tokenizer import TokenEncoder, install_tokenizer
 from data_tools.finetune.config import SPLITS, FinetuneConfig, SourceConfig
 from data_tools.finetune.encode import encode_example
 from data_tools.finetune.records import BadRecord, input_files, read_records, to_turns
 from data_tools.token_files import token_dtype
-
-FINETUNE_KIND = "finetune"
 
 
 def resolve_tokenizer(path: str | Path) -> Path:
