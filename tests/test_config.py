@@ -12,10 +12,12 @@ from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import CONF_DIR, describe_keys, load_config
 from tests.conftest import REPO
 
+# conf/pipeline/ and conf/finetune/ are the data tools' own config roots (python -m data_tools.pipeline,
+# python -m data_tools.finetune); they are composed by their own loaders below and in test_finetune_data.
+TOOL_ROOTS = ("pipeline", "finetune")
 GROUP_CONFIGS = sorted(
-    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "pipeline"
+    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name not in TOOL_ROOTS
 )
-# conf/pipeline/ is the data pipeline's own config root (python -m data_tools.pipeline).
 PIPELINE_EXECUTORS = sorted(path.stem for path in (CONF_DIR / "pipeline" / "executor").glob("*.yaml"))
 
 
@@ -47,7 +49,8 @@ def test_every_pipeline_config_composes_and_validates(executor):
 def test_every_yaml_is_covered():
     yamls = {p.relative_to(CONF_DIR) for p in CONF_DIR.rglob("*.yaml")}
     pipeline = {Path("pipeline/pipeline.yaml")} | {Path("pipeline/executor") / f"{n}.yaml" for n in PIPELINE_EXECUTORS}
-    assert yamls == {Path("config.yaml")} | {Path(g) / f"{n}.yaml" for g, n in GROUP_CONFIGS} | pipeline
+    finetune = {Path("finetune/finetune.yaml"), Path("finetune/preset/nusax_sentiment.yaml")}
+    assert yamls == {Path("config.yaml")} | {Path(g) / f"{n}.yaml" for g, n in GROUP_CONFIGS} | pipeline | finetune
 
 
 def test_published_shapes():
