@@ -33,7 +33,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def run(tmp_path: Path, tokenizer: Path, *sources: str, extra: tuple[str, ...] = ()) -> dict:
     out = tmp_path / "out"
-    assert main([f"tokenizer={tokenizer}", f"output.dir={out}", f"sources=[{','.join(sources)}]", *extra]) == 0
+    assert main([f"tokenizer.path={tokenizer}", f"output.dir={out}", f"sources=[{','.join(sources)}]", *extra]) == 0
     return json.loads((out / "blend.json").read_text())
 
 
@@ -99,7 +99,7 @@ def test_bad_records_are_counted_by_reason_and_never_mis_masked(tmp_path, bpe):
     # boundary, so the prompt's tokens are not a prefix of the whole's.
     shifted = write_jsonl(tmp_path / "shift.jsonl", [{"text": "the food was great", "label": "positive"}])
     out = tmp_path / "out"
-    assert main([f"tokenizer={bpe}", f"output.dir={out}", "seq_length=64",
+    assert main([f"tokenizer.path={bpe}", f"output.dir={out}", "seq_length=64",
                  f"sources=[{{name: bad, train: [{data}], valid: [{data}], test: [{data}]}},"
                  f"{{name: shift, train: [{shifted}], valid: [{shifted}], test: [{shifted}], "
                  "prompt: 'Text: {text} Sentiment: ', target: '{label}'}]"]) == 0
@@ -115,19 +115,28 @@ def test_splits_given_are_kept_and_held_out_ones_are_disjoint_and_repeatable(tmp
     data = write_jsonl(tmp_path / "many.jsonl", rows)
     source = f"{{name: many, train: [{data}]}}"
     first = run(tmp_path / "a", bpe, source, extra=("split.valid_fraction=0.1", "split.test_fraction=0.2"))
-    again = run(tmp_path / "b", bpe, source, extra=("split.valid_fraction=0.1", "split.test_fraction=0.2"))
+    # The same source given by the input.* keys, its format named.
+    assert main([f"tokenizer.path={bpe}", f"output.dir={tmp_path / 'b' / 'out'}", f"input.paths=[{data}]",
+                 "input.format=inputs_targets", "input.name=many", "split.valid_fraction=0.1",
+                 "split.test_fraction=0.2"]) == 0
+    again = json.loads((tmp_path / "b" / "out" / "blend.json").read_text())
     counts = {split: first["datasets"][0][split]["examples"] for split in ("train", "valid", "test")}
     assert counts == {split: again["datasets"][0][split]["examples"] for split in counts}
     assert sum(counts.values()) == 400 and 20 <= counts["valid"] <= 60 and 50 <= counts["test"] <= 110
     seen = [tuple(tokens) for split in ("train", "valid", "test")
             for tokens, _ in examples(tmp_path / "a" / "out", first["datasets"][0][split])]
     assert len(set(seen)) == 400  # every record in exactly one split
+    # Records not in the named format are counted, not guessed at.
+    assert main([f"tokenizer.path={bpe}", f"output.dir={tmp_path / 'c'}", f"input.paths=[{data}]",
+                 "input.format=prompt_response"]) == 0
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["sources"]["task"]["skipped"] == {
+        "missing_field": 400}
 
 
 def test_the_nusax_preset_and_one_line_errors(tmp_path, sample_cache, capsys):
     tokenizer = next(sample_cache.glob("sample-*/tokenizer/tokenizer.model"))
     out = tmp_path / "nusax"
-    assert main(["preset=nusax_sentiment", f"tokenizer={tokenizer}", f"output.dir={out}", "seq_length=256"]) == 0
+    assert main(["preset=nusax_sentiment", f"tokenizer.path={tokenizer}", f"output.dir={out}", "seq_length=256"]) == 0
     blend = json.loads((out / "blend.json").read_text())
     assert len(blend["datasets"]) == 12 and blend["seq_length"] == 256
     report = json.loads((out / "report.json").read_text())["sources"]["nusax_sentiment_eng"]
@@ -140,9 +149,9 @@ def test_the_nusax_preset_and_one_line_errors(tmp_path, sample_cache, capsys):
 
     with pytest.raises(ValueError, match="holds fine-tuning data .* give the data pipeline's blend.json"):
         read_blend(out / "blend.json")  # what data.blend=... of a pretraining run says, in one line
-    for args, expected in [(["preset=nusax_sentiment", f"output.dir={out}"], "tokenizer is not set"),
-                           ([f"tokenizer={tokenizer}", f"output.dir={out}"], "sources is empty"),
-                           ([f"tokenizer={tokenizer}", f"output.dir={out}", "sources=[{name: x, train: [nope/*.csv]}]"],
+    for args, expected in [(["preset=nusax_sentiment", f"output.dir={out}"], "tokenizer.path is not set"),
+                           ([f"tokenizer.path={tokenizer}", f"output.dir={out}"], "no data: give input.paths"),
+                           ([f"tokenizer.path={tokenizer}", f"output.dir={out}", "sources=[{name: x, train: [nope/*.csv]}]"],
                             "no file matches nope/*.csv")]:
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -12,6 +12,7 @@ from bloomtrain.config import require
 from bloomtrain.config_loader import compose_config, to_validated
 
 SPLITS = ("train", "valid", "test")
+FORMATS = ("auto", "inputs_targets", "prompt_response", "messages", "template")
 
 
 @dataclass
@@ -33,6 +34,9 @@ class SourceConfig:
     """The template of the answer, e.g. ' {label}' (the loss is taken on it and the EOS after it)."""
     weight: float = 1.0
     """Its share of training samples, relative to the other sources."""
+    format: str = "auto"
+    """auto (from each record's fields) | inputs_targets | prompt_response | messages | template (the
+    prompt and target templates): a record not in the named format is counted as missing_field."""
 
     def __post_init__(self) -> None:
         require(bool(self.name), "every source needs a name (sources[].name)")
@@ -40,6 +44,37 @@ class SourceConfig:
         require((self.prompt is None) == (self.target is None),
                 f"source {self.name}: give both prompt and target templates, or neither")
         require(self.weight > 0, f"source {self.name}: weight must be positive")
+        require(self.format in FORMATS, f"source {self.name}: format={self.format!r} is not one of {FORMATS}")
+        require((self.format == "template") == (self.prompt is not None) or self.format == "auto",
+                f"source {self.name}: format=template goes with the prompt and target templates, and only it")
+
+
+@dataclass
+class InputConfig:
+    """One source given by keys instead of a ``sources`` entry: ``input.paths=[...] input.format=...``."""
+
+    paths: list[str] = field(default_factory=list)
+    """Training records (.jsonl or .csv files or globs); empty: only ``sources`` are read."""
+    valid_paths: list[str] = field(default_factory=list)
+    test_paths: list[str] = field(default_factory=list)
+    format: str = "auto"
+    """auto | inputs_targets | prompt_response | messages | template (with input.prompt and input.target)."""
+    prompt: str | None = None
+    target: str | None = None
+    name: str = "task"
+    """Its name in the blend, the report and the training run's metrics."""
+    weight: float = 1.0
+
+    def as_source(self) -> SourceConfig:
+        return SourceConfig(self.name, list(self.paths), list(self.valid_paths), list(self.test_paths),
+                            self.prompt, self.target, self.weight, self.format)
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""
+    """The model's tokenizer: a bloomtrain run or checkpoint (its tokenizer/), a sentencepiece model, a
+    tokenizer.json or a Hugging Face folder."""
 
 
 @dataclass
@@ -66,18 +101,21 @@ class FinetuneOutputConfig:
 class FinetuneConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """The datasets; conf/finetune/preset/ has presets (preset=nusax_sentiment)."""
-    tokenizer: str = ""
-    """The model's tokenizer: a bloomtrain run or checkpoint (its tokenizer/), a sentencepiece model, a
-    tokenizer.json or a Hugging Face folder."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """One more source, given by keys (input.paths=[...]); added after ``sources``."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     seq_length: int = 2048
     """Longest example (prompt, target and EOS) kept: the training run's train.seq_length."""
     output: FinetuneOutputConfig = field(default_factory=FinetuneOutputConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
-        require(bool(self.sources), "sources is empty; pick a preset (preset=nusax_sentiment) or list your own")
-        require(bool(self.tokenizer), "tokenizer is not set; give the model's tokenizer (a run, checkpoint, "
-                                      "sentencepiece model or tokenizer.json)")
+        if self.input.paths:
+            self.sources = [*self.sources, self.input.as_source()]
+        require(bool(self.sources), "no data: give input.paths=[...], pick a preset (preset=nusax_sentiment) or "
+                                    "list sources")
+        require(bool(self.tokenizer.path), "tokenizer.path is not set; give the model's tokenizer (a run, "
+                                           "checkpoint, sentencepiece model or tokenizer.json)")
         require(bool(self.output.dir), "output.dir is not set; name the folder to write into")
         require(self.seq_length >= 2, "seq_length must be >= 2")
         names = [source.name for source in self.sources]

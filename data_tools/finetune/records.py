@@ -70,8 +70,16 @@ def read_records(path: Path) -> Iterator[dict | BadRecord]:
             yield record if isinstance(record, dict) else BadRecord("unreadable", f"{path}:{number}: not an object")
 
 
-def to_turns(record: dict, prompt: str | None, target: str | None) -> list[Turn] | BadRecord:
-    """The record as turns of ``(text, is_target)`` segments, each turn ending in a non-empty target."""
+FORMAT_KEYS = {"inputs_targets": ("inputs", "targets"), "prompt_response": ("prompt", "response"),
+               "messages": ("messages",)}
+
+
+def to_turns(record: dict, prompt: str | None, target: str | None, format: str = "auto") -> list[Turn] | BadRecord:
+    """The record as turns of ``(text, is_target)`` segments, each turn ending in a non-empty target;
+    ``format`` other than auto (or template) names the fields the record must have."""
+    missing = [key for key in FORMAT_KEYS.get(format, ()) if key not in record]
+    if missing:
+        return BadRecord("missing_field", f"format={format} needs {', '.join(missing)}")
     if prompt is not None:
         fields = {key: value.strip() if isinstance(value, str) else value for key, value in record.items()}
         try:

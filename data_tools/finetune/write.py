@@ -91,7 +91,7 @@ def prepare(config: FinetuneConfig) -> dict[str, Any]:
             input_files(getattr(source, split))
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    install_tokenizer(resolve_tokenizer(config.tokenizer), out / "tokenizer")
+    install_tokenizer(resolve_tokenizer(config.tokenizer.path), out / "tokenizer")
     encoder = TokenEncoder(out / "tokenizer")
     blend: dict[str, Any] = {"kind": FINETUNE_KIND, "tokenizer": "tokenizer", "seq_length": config.seq_length,
                              "datasets": []}
@@ -102,7 +102,7 @@ def prepare(config: FinetuneConfig) -> dict[str, Any]:
         for split, record in tqdm(records_by_split(source, config), desc=source.name, unit=" records",
                                   mininterval=2):
             read += 1
-            turns = record if isinstance(record, BadRecord) else to_turns(record, source.prompt, source.target)
+            turns = record if isinstance(record, BadRecord) else to_turns(record, source.prompt, source.target, source.format)
             encoded = turns if isinstance(turns, BadRecord) else encode_example(encoder, turns, config.seq_length)
             if isinstance(encoded, BadRecord):
                 skipped[encoded.reason] += 1
