@@ -123,3 +123,29 @@ def library_prints() -> Iterator[None]:
     with contextlib.redirect_stdout(router):
         yield
     router.flush()
+
+
+class _ToLibraryLog(io.TextIOBase):
+    def write(self, text: str) -> int:
+        if text.strip():
+            library_log.info("%s", text.strip("\r\n"))
+        return len(text)
+
+
+@contextlib.contextmanager
+def task_scoring_quietly() -> Iterator[None]:
+    """Around lm-eval's run inside a training run: its progress bars (one per task, with no switch to turn
+    them off) and its INFO/WARNING lines (the tasks it selected, "Overwriting default num_fewshot") go to
+    the log; bloomtrain says on the terminal which scores it got. lm-eval's errors still reach the terminal."""
+    lm_eval = logging.getLogger("lm_eval")
+    saved = lm_eval.propagate, lm_eval.handlers[:], lm_eval.level
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setLevel(logging.ERROR)
+    lm_eval.handlers[:] = [terminal, *[h for h in library_log.handlers if isinstance(h, logging.FileHandler)]]
+    lm_eval.propagate = False
+    lm_eval.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(_ToLibraryLog()):
+            yield
+    finally:
+        lm_eval.propagate, lm_eval.handlers[:], _ = saved[0], saved[1], lm_eval.setLevel(saved[2])

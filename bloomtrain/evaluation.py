@@ -6,6 +6,11 @@ exactly as training batches are. The loss of a batch is the mean next-token cros
 tokens, averaged over data-parallel ranks (``TrainingEngine.evaluate_step``, forward only, under any
 layout); a language's loss is the mean over its batches, the overall loss the token-weighted mean
 over languages, and perplexity ``exp(loss)``.
+
+A fine-tuning run is validated on each task's validation rows instead (:class:`TargetValidation`): the
+mean loss over the target tokens of its split (at most ``eval.iters`` global batches, the last filled
+with empty rows that carry no loss), overall the target-token-weighted mean over tasks; and, when
+``eval.pretraining_blend`` names the starting model's data, on that data's validation sets as above.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from bloomtrain.config import EvalConfig, TrainConfig
-from bloomtrain.data.blend import Blend
-from bloomtrain.data.loader import BatchLayout, build_validation_datasets, step_batches
+from bloomtrain.config import ConfigError, EvalConfig, TrainConfig
+from bloomtrain.data.blend import Blend, read_blend
+from bloomtrain.data.finetune import scale_loss_weights
+from bloomtrain.data.loader import BatchLayout, build_validation_datasets, load_tokenizer, step_batches
+from bloomtrain.data.packing import PackedExamples
 
 logger = logging.getLogger(__name__)
 
@@ -80,3 +87,47 @@ def build_validation(blend: Blend, tokenizer, train: TrainConfig, eval_config: E
     datasets = build_validation_datasets(blend, tokenizer, train.seq_length, samples, train.seed, index_dir)
     full_batches = dataclasses.replace(batch_layout, rampup=None)  # evaluation ignores the ramp-up
     return Validation(datasets, full_batches, eval_config.iters, train.seq_length)
+
+
+class TargetValidation:
+    """The mean target-token loss of each task's rows (and overall, token-weighted), collective."""
+
+    def __init__(self, sets: dict[str, PackedExamples], batch_layout: BatchLayout, iters: int) -> None:
+        self.sets, self.batch_layout = sets, batch_layout
+        self.samples = {name: min(iters, math.ceil(len(rows) / batch_layout.global_batch_size))
+                        * batch_layout.global_batch_size for name, rows in sets.items()}
+
+    def run(self, loss_of: Callable[[MicroBatches], float],
+            stop_requested: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+        losses, tokens = {}, {}
+        for name, rows in self.sets.items():
+            samples = self.samples[name]
+            targets = rows.denominator(0, min(samples, len(rows)))
+            total = 0.0
+            for micro_batches in step_batches(rows, self.batch_layout, 0, samples, num_workers=0):
+                if stop_requested():
+                    return None
+                scale_loss_weights(micro_batches, targets, self.batch_layout.data_parallel_size)
+                total += loss_of(micro_batches)
+            losses[name], tokens[name] = total, targets
+        return summarize(losses, tokens)
+
+
+def build_target_validation(sets: dict[str, PackedExamples], eval_config: EvalConfig,
+                            batch_layout: BatchLayout) -> TargetValidation | None:
+    if not eval_config.interval or not sets:
+        return None
+    return TargetValidation(sets, batch_layout, eval_config.iters)
+
+
+def build_pretraining_validation(path: str | None, train: TrainConfig, eval_config: EvalConfig,
+                                 batch_layout: BatchLayout, index_dir: Path) -> Validation | None:
+    """The validation of ``eval.pretraining_blend`` (a fine-tuning run's starting data), or None."""
+    if not path or not eval_config.interval:
+        return None
+    try:
+        blend = read_blend(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(str(error).replace("data.blend", "eval.pretraining_blend")) from None
+    return build_validation(blend, load_tokenizer(blend.tokenizer), train, eval_config, batch_layout, index_dir,
+                            is_main=False)

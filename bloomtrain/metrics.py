@@ -71,6 +71,11 @@ class MetricsLogger:
             for language, values in evaluation["languages"].items():
                 scalars[f"valid/{language}/loss"] = values["loss"]
                 scalars[f"valid/{language}/perplexity"] = values["perplexity"]
+            pretraining = evaluation.get("pretraining")  # a fine-tuning run's starting data: does it forget?
+            if pretraining:
+                scalars["pretraining/loss"] = pretraining["loss"]
+                scalars.update({f"pretraining/{language}/loss": values["loss"]
+                                for language, values in pretraining["languages"].items()})
         self._publish(scalars, step)
 
     def _write(self, name: str, record: dict[str, Any]) -> None:

@@ -34,17 +34,21 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class StepMeter:
     def __init__(self, model: ModelConfig, train: TrainConfig, recompute: bool, peak: Peak, world_size: int,
-                 blend: Blend, dataset) -> None:
+                 blend: Blend | None, dataset, constants: dict[str, float] | None = None) -> None:
+        """``blend`` None (fine-tuning): no tokens per language; ``constants`` go into every step's row."""
         self.train = train
         self.model_flops = model_flops_per_step(model, train.global_batch_size, train.seq_length)
         self.hardware_flops = hardware_flops_per_step(model, train.global_batch_size, train.seq_length, recompute)
         self.world_size = world_size
         self.peak = peak
         # Which language each sample of the training order comes from (megatron-core's blended index).
-        self.languages = [entry.lang or entry.prefix for entry in blend.datasets]
+        self.languages = [entry.lang or entry.prefix for entry in blend.datasets] if blend is not None else []
         self.sample_language = getattr(dataset, "dataset_index", None)
+        self.constants = constants or {}
 
     def tokens_by_language(self, first_sample: int, samples: int) -> dict[str, int]:
+        if not self.languages:
+            return {}
         if self.sample_language is None:
             return {self.languages[0]: samples * self.train.seq_length}
         counts = np.bincount(self.sample_language[first_sample:first_sample + samples],
@@ -72,4 +76,5 @@ class StepMeter:
             "peak_memory_gb": peak_memory_gb(device),
             "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
             **{f"tokens/{language}": count for language, count in sorted(tokens_by_language.items())},
+            **self.constants,
         }

@@ -69,10 +69,6 @@ def build_trainer(config: BloomTrainConfig):
 
     layout = resolve_layout(config, prepare_environment())
     check_run_dir_writable(config.run.dir)
-    if config.eval.tasks:  # a task name lm-eval does not know stops the run before anything is built
-        from bloomtrain.harness.in_training import check_task_names
-
-        check_task_names(config.eval.tasks, config.eval.tasks_include_path)
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but this machine has no usable CUDA GPU (torch.cuda.is_available() "
                           "is False); use train.device=auto or cpu")
@@ -85,6 +81,10 @@ def build_trainer(config: BloomTrainConfig):
     try:
         # Before DeepSpeed and megatron-core are imported: they announce themselves at import time.
         route_library_notices(Path(config.run.dir) / "logs" / f"rank-{context.rank}.log")
+        if config.eval.tasks:  # a task name lm-eval does not know stops the run before anything is built
+            from bloomtrain.harness.in_training import check_task_names
+
+            check_task_names(config.eval.tasks, config.eval.tasks_include_path)
         apply_cpu_accommodations()
         prepare_op_builds()
         from bloomtrain.build import seed_everything
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.context.is_main:
             print(f"bloomtrain: checkpoint error: {error}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as error:  # found only once measured (eval.metric among the task scores)
+        if trainer.context.is_main:
+            print(f"bloomtrain: config error: {error}", file=sys.stderr, flush=True)
+        return 2
     except RuntimeError as error:
         if not is_collective_failure(error):
             raise

@@ -22,14 +22,16 @@ from megatron.core import parallel_state
 from bloomtrain.build import DTYPES, build_engine
 from bloomtrain.checkpoint import latest_checkpoint
 from bloomtrain.checkpoint.manager import CheckpointManager
-from bloomtrain.checkpoint.store import CheckpointSaveError, TrainingProgress
+from bloomtrain.checkpoint.store import BEST, CheckpointSaveError, TrainingProgress, keep_as_best
 from bloomtrain.config import BloomTrainConfig, ConfigError
 from bloomtrain.config_loader import to_yaml
 from bloomtrain.data.blend import Blend
+from bloomtrain.data.finetune import prepare_finetune_data, scale_loss_weights
 from bloomtrain.data.loader import BatchLayout, build_train_dataset, load_tokenizer, step_batches
+from bloomtrain.data.packing import FinetuneBlend
 from bloomtrain.data.token_files import check_token_files
 from bloomtrain.distributed import DistributedContext, set_collective_timeout
-from bloomtrain.evaluation import build_validation
+from bloomtrain.evaluation import build_pretraining_validation, build_target_validation, build_validation
 from bloomtrain.flops import device_peak
 from bloomtrain.harness.in_training import build_task_scores
 from bloomtrain.health import EXIT_DIVERGED, Action, CollectiveBounds, Heartbeat, StepHealth, Verdict, is_finite
@@ -40,6 +42,7 @@ from bloomtrain.plan import plan_table
 from bloomtrain.preemption import EXIT_RESUMABLE, STOP_RECORD, StopRequests
 from bloomtrain.progress import StepProgress, notify, print_summary
 from bloomtrain.run_lock import RunLock
+from bloomtrain.selection import BestMetric, TestSplit, evaluate_if_due
 from bloomtrain.step_metrics import StepMeter
 
 logger = logging.getLogger(__name__)
@@ -58,7 +61,8 @@ class Step:
 
 class Trainer:
     def __init__(self, config: BloomTrainConfig, context: DistributedContext, layout: ParallelLayout,
-                 blend: Blend) -> None:
+                 blend: Blend | FinetuneBlend) -> None:
+        """``blend``: pretraining text, or a fine-tuning blend (packed prompt/target rows, loss on targets)."""
         self.config, self.context, self.layout, self.blend = config, context, layout, blend
         train = config.train
         self.stops = StopRequests(train.exit_duration_minutes)
@@ -71,9 +75,15 @@ class Trainer:
         self.stop_reason: str | None = None  # agreed by every rank, in the loop or inside an evaluation
         self.run_lock: RunLock | None = None  # rank 0's hold on the run directory, given back by close()
         self.last_evaluation: tuple[int, bool] | None = None  # (step, whether its loss was finite)
+        self.new_best = False  # this step's evaluation gave a new best eval.metric: save it as checkpoints/best
         self.failed_save_step: int | None = None
         self.health = StepHealth(train.max_skipped_steps, train.precision == "fp16", train.loss_spike_factor,
                                  train.loss_spike_window, train.inject_loss_spike_at, train.inject_nonfinite_at)
+        self.best = BestMetric(config.eval, isinstance(blend, FinetuneBlend) or config.eval.metric != "loss",
+                               context.device)
+        # Fine-tuning data first: with train.epochs it decides train.max_steps, which the config records.
+        self.finetune = prepare_finetune_data(blend, config, context.is_main) if isinstance(blend, FinetuneBlend) \
+            else None
         self._write_config()
         self.tokenizer = self._check_data()
         self._build_and_restore()
@@ -92,9 +102,14 @@ class Trainer:
     def _check_data(self):
         """The token files fit the run, and the tokenizer fits the model; returns the tokenizer."""
         config, train = self.config, self.config.train
-        check_token_files(self.blend, train.seq_length, train.max_steps * train.global_batch_size,
-                          config.eval.iters * train.global_batch_size if config.eval.interval else 0)
-        tokenizer = load_tokenizer(self.blend.tokenizer)
+        if self.finetune is not None:
+            from bloomtrain.data.tokenizer import TokenEncoder
+
+            tokenizer = TokenEncoder(self.blend.tokenizer)
+        else:
+            check_token_files(self.blend, train.seq_length, train.max_steps * train.global_batch_size,
+                              config.eval.iters * train.global_batch_size if config.eval.interval else 0)
+            tokenizer = load_tokenizer(self.blend.tokenizer)
         if tokenizer.vocab_size > config.model.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
@@ -119,15 +134,24 @@ class Trainer:
         # Room for the samples loss-spike rollbacks pass over (at most a checkpoint interval each).
         spare_steps = train.loss_spike_max_rollbacks * config.checkpoint.interval if train.loss_spike_factor else 0
         self.total_samples = self.run_samples + spare_steps * train.global_batch_size
-        if self.context.is_main:  # minutes for a large blend on the first start; cached for the next
-            logger.info("indexing the training data (the blended dataset's index, cached in %s)",
-                        self.run_dir / "data_index")
-        self.dataset = build_train_dataset(self.blend, self.tokenizer, train.seq_length, self.total_samples,
-                                           train.seed, self.run_dir / "data_index")
+        self.pretraining_validation = None
+        if self.finetune is not None:
+            self.dataset = self.finetune.train
+            self.total_samples = len(self.dataset)  # rollbacks pass over rows the epochs already hold
+            self.validation = build_target_validation(self.finetune.valid, config.eval, self.batch_layout)
+            self.pretraining_validation = build_pretraining_validation(
+                config.eval.pretraining_blend, train, config.eval, self.batch_layout, self.run_dir / "data_index")
+        else:
+            if self.context.is_main:  # minutes for a large blend on the first start; cached for the next
+                logger.info("indexing the training data (the blended dataset's index, cached in %s)",
+                            self.run_dir / "data_index")
+            self.dataset = build_train_dataset(self.blend, self.tokenizer, train.seq_length, self.total_samples,
+                                               train.seed, self.run_dir / "data_index")
+            self.validation = build_validation(self.blend, self.tokenizer, train, config.eval, self.batch_layout,
+                                               self.run_dir / "data_index", self.context.is_main)
         self.batches = self._batches_from(self.progress)
-        self.validation = build_validation(self.blend, self.tokenizer, train, config.eval, self.batch_layout,
-                                           self.run_dir / "data_index", self.context.is_main)
         self.task_scores = build_task_scores(config, self.engine, self.blend, self.layout.sequence_parallel)
+        self.test_split = TestSplit(self) if self.finetune is not None else None
 
     def _start_logging(self) -> None:
         """Rank 0: the plan, MFU's peak, then the metrics sinks. The peak is measured before W&B starts its
@@ -141,8 +165,10 @@ class Trainer:
             logger.info("measuring this device's peak FLOP/s for MFU (seconds; train.peak_tflops skips it)")
         peak = device_peak(self.context.device, DTYPES[train.precision], train.peak_tflops)
         logger.info("MFU's peak: %s", peak.source)
+        fine_tuning = self.finetune is not None
         self.meter = StepMeter(config.model, train, config.parallel.activation_checkpointing, peak,
-                               self.context.world_size, self.blend, self.dataset)
+                               self.context.world_size, None if fine_tuning else self.blend, self.dataset,
+                               {"packing_efficiency": self.finetune.train.efficiency()} if fine_tuning else None)
         self.metrics = MetricsLogger(self.run_dir, config.logging, config.run.name, dataclasses.asdict(config),
                                      self.progress.step, self.progress.wandb_run_id)
         self.progress.wandb_run_id = self.metrics.wandb_run_id
@@ -155,6 +181,8 @@ class Trainer:
         EXIT_DIVERGED after ``train.max_skipped_steps`` non-finite steps in a row, or a spike with no
         rollback left)."""
         status: int | None = None
+        if self.test_split is not None:
+            self.test_split.score_start()
         display = StepProgress(self.config.train.max_steps, self.progress.step, self.config.logging.interval,
                                enabled=self.context.is_main)
         with display:
@@ -171,10 +199,12 @@ class Trainer:
                 elif verdict.action is Action.ROLL_BACK:
                     status = self._roll_back(verdict)
                 else:
-                    stop_early = self._evaluate_if_due()
+                    self.new_best, stop_early = evaluate_if_due(self)
                     status = self._checkpoint_and_decide_exit(verdict, stop_early)
         if status is None:
             status = self._end_of_run_status()
+        if status == 0 and self.test_split is not None:
+            self.test_split.score_best()
         self.stops.restore()
         if self.metrics is not None:
             self.metrics.close()
@@ -190,6 +220,9 @@ class Trainer:
             self.engine.engine.set_train_batch_size(batch)
         self.scheduler.step(batch)  # the schedule counts samples: step k trains with lr(k)
         micro_batches = next(self.batches)
+        if self.finetune is not None:  # the loss is the mean over the whole global batch's targets
+            position = self.progress.consumed_samples + self.progress.skipped_samples
+            scale_loss_weights(micro_batches, self.dataset.denominator(position, batch), self.layout.data)
         data_wait = time.perf_counter() - started
         result = self.engine.train_step(micro_batches)
         elapsed = time.perf_counter() - started
@@ -201,18 +234,25 @@ class Trainer:
         progress, train, interval = self.progress, self.config.train, self.config.checkpoint.interval
         stop_early = stop_early and progress.step < train.max_steps  # the last step saves anyway
         due = progress.step == train.max_steps or bool(interval and progress.step % interval == 0)
-        if due and verdict.skipped:
-            due = False
+        new_best, self.new_best = self.new_best, False
+        if (due or new_best) and verdict.skipped:
+            due = new_best = False
             if self.context.is_main:
                 logger.warning("step %d: no checkpoint after a NaN/Inf step", progress.step)
-        if due or stop_early:
+        if due or stop_early or new_best:
             self.activity = "saving a checkpoint"
-            self.save()
+            saved = self.save()
+            if new_best and saved is not None and self.context.is_main:
+                keep_as_best(saved)
+                logger.info("%s is the best so far (eval.metric=%s %s): kept as %s", saved.name, self.best.name,
+                            self.best.shown(progress.best_valid_loss), saved.parent / BEST)
+            due = due or new_best
         if stop_early:
             if self.context.is_main:
-                notify(f"stopped early after step {progress.step}: validation loss has not improved on "
-                       f"{progress.best_valid_loss:.4f} for {self.config.eval.early_stop_patience} "
-                       "evaluations (eval.early_stop_patience); checkpoint saved")
+                notify(f"stopped early after step {progress.step}: eval.metric={self.best.name} has not improved on "
+                       f"{self.best.shown(progress.best_valid_loss)} (step {progress.best_step}) for "
+                       f"{self.config.eval.early_stop_patience} evaluations (eval.early_stop_patience); "
+                       "checkpoint saved")
             return 0
         if self.stop_reason is None and progress.step < train.max_steps:  # unless agreed during the evaluation
             self._stop_agreed()
@@ -338,33 +378,6 @@ class Trainer:
             tokens_by_language=progress.tokens_by_language, device=self.context.device)
         self.metrics.log(metrics, progress.step)
         display.update(progress.step, metrics)
-
-    def _evaluate_if_due(self) -> bool:
-        """Evaluate every ``eval.interval`` steps and after the last; True once early stopping's patience is
-        used up. Every rank sees the same losses (they are reduced over the data-parallel group)."""
-        step, eval_config, last = self.progress.step, self.config.eval, self.config.train.max_steps
-        scores = self.task_scores.run_if_due(step, last, self) if self.task_scores is not None else None
-        if self.validation is None or (step % eval_config.interval and step != last):
-            if scores and self.metrics is not None:
-                self.metrics.log_eval(None, step, scores)
-            return False
-        self.activity = "evaluating"
-        with self.bounds.long_phase():
-            evaluation = self.validation.run(self.engine.evaluate_step, self._stop_agreed)
-        if evaluation is None:  # a stop request: dropped unfinished, the stop handled after the save
-            return False
-        self.last_evaluation = (step, is_finite(evaluation["loss"]))
-        if self.metrics is not None:
-            self.metrics.log_eval(evaluation, step, scores)
-            notify(f"validation at step {step}: loss {evaluation['loss']:.4f}, perplexity "
-                   f"{evaluation['perplexity']:.2f} over {len(evaluation['languages'])} languages")
-        progress = self.progress
-        if progress.best_valid_loss is None or evaluation["loss"] < progress.best_valid_loss:
-            progress.best_valid_loss, progress.evals_without_improvement = evaluation["loss"], 0
-        else:
-            progress.evals_without_improvement += 1
-        patience = eval_config.early_stop_patience
-        return bool(patience) and progress.evals_without_improvement >= patience
 
     def _batches_from(self, progress: TrainingProgress):
         return step_batches(self.dataset, self.batch_layout, progress.consumed_samples, self.run_samples,

@@ -145,13 +145,21 @@ def test_the_nusax_preset_and_one_line_errors(tmp_path, sample_cache, capsys):
     assert report["read"] == 1000 and sum(kept) + sum(report["skipped"].values()) == 1000  # NusaX's 500/100/400
     assert kept[1:] == [100, 400] and 495 <= kept[0] <= 500 and set(report["skipped"]) <= {"too_long"}
     assert "nusax_sentiment_eng" in capsys.readouterr().out
-    from bloomtrain.data.blend import read_blend
+    from bloomtrain.config import ConfigError, DataConfig
+    from bloomtrain.data.blend import resolve_blend
 
-    with pytest.raises(ValueError, match="holds fine-tuning data .* give the data pipeline's blend.json"):
-        read_blend(out / "blend.json")  # what data.blend=... of a pretraining run says, in one line
+    # A blend of the other kind is one line naming the key to set, both ways.
+    with pytest.raises(ConfigError, match="holds fine-tuning data .* set data.kind=finetune"):
+        resolve_blend(DataConfig(blend=str(out / "blend.json")), is_main=True)
+    pretraining = tmp_path / "pretraining.json"
+    pretraining.write_text(json.dumps({"tokenizer": "t.model", "datasets": [{"prefix": "tokens/en", "weight": 1}]}))
+    with pytest.raises(ConfigError, match="holds pretraining text, not fine-tuning data"):
+        resolve_blend(DataConfig(kind="finetune", blend=str(pretraining)), is_main=True)
+    assert resolve_blend(DataConfig(kind="finetune", blend=str(out / "blend.json")), is_main=True).seq_length == 256
     for args, expected in [(["preset=nusax_sentiment", f"output.dir={out}"], "tokenizer.path is not set"),
                            ([f"tokenizer.path={tokenizer}", f"output.dir={out}"], "no data: give input.paths"),
-                           ([f"tokenizer.path={tokenizer}", f"output.dir={out}", "sources=[{name: x, train: [nope/*.csv]}]"],
+                           ([f"tokenizer.path={tokenizer}", f"output.dir={out}",
+                             "sources=[{name: x, train: [nope/*.csv]}]"],
                             "no file matches nope/*.csv")]:
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -26,6 +26,7 @@ TASKS = ["nusax_sentiment_eng", "nusax_mt_eng_ind", "heldout", "letters_sentimen
 TASK_KEYS = [f"eval.tasks=[{','.join(TASKS)}]", "eval.tasks_limit=8", "eval.tasks_max_length=128",
              f"eval.tasks_include_path=[{TASKS_OF_OUR_OWN}]"]
 HARNESS_FLAGS = ["--tasks", ",".join(TASKS), "--limit", "8", "--max_length", "128", "--bootstrap_iters", "0",
+                 "--split", "validation",
                  "--include_path", str(TASKS_OF_OUR_OWN)]
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

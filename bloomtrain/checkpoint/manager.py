@@ -23,6 +23,7 @@ Resuming is two calls, because the engine must be built in between:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import pickle
 import re
@@ -187,13 +188,26 @@ class CheckpointManager:
         """Collective: the checkpoint this run starts from (per ``checkpoint.resume``), verified and checked
         against the run; converted to a universal checkpoint (on rank 0, once) when the layout changed."""
         checkpoint = self._resume_point()
+        initialising = checkpoint is None and bool(self.config.init_from)
+        if initialising:
+            checkpoint = self._init_point()
         if checkpoint is None:
             return ResumePlan(None, None, None, False, self.padded_vocab_size)
         meta = self._check_compatible(checkpoint)
+        if initialising:  # weights only: a fresh optimizer, schedule and step count
+            meta = dataclasses.replace(meta, weights_only=True, progress=TrainingProgress())
         universal = not meta.weights_only and any(meta.layout.get(key, 0) != value
                                                   for key, value in self._layout_record().items())
         if meta.padded_vocab_size:
             self.padded_vocab_size = meta.padded_vocab_size  # later saves keep the trained padding rows
+        load_from = self._prepare_universal(checkpoint) if universal else checkpoint
+        return ResumePlan(checkpoint, meta, load_from, universal, self.padded_vocab_size)
+
+    def plan_load(self, checkpoint: Path) -> ResumePlan:
+        """Collective: a checkpoint of this run to load into the running engine (the best one, for the test
+        split), through its universal form when it was saved under another layout."""
+        meta = store.read_meta(checkpoint)
+        universal = any(meta.layout.get(key, 0) != value for key, value in self._layout_record().items())
         load_from = self._prepare_universal(checkpoint) if universal else checkpoint
         return ResumePlan(checkpoint, meta, load_from, universal, self.padded_vocab_size)
 
@@ -252,6 +266,33 @@ class CheckpointManager:
                 logger.warning("checkpoint %s is incomplete or damaged (%s%s); falling back to the previous one",
                                checkpoint, problems[0], more)
         return None
+
+    def _init_point(self) -> Path:
+        """Collective: ``checkpoint.init_from`` as a checkpoint; a Hugging Face folder is converted once (rank
+        0) into ``RUN_DIR/init``."""
+        from bloomtrain.checkpoint.hf import from_hf_to_checkpoint, is_hugging_face_dir
+
+        source = Path(str(self.config.init_from)).expanduser()
+        if not is_hugging_face_dir(source):
+            try:
+                checkpoint = store.resolve_checkpoint(source)
+            except FileNotFoundError as error:
+                raise ConfigError(f"checkpoint.init_from: {error}; give a bloomtrain run or checkpoint, or a "
+                                  "Hugging Face BLOOM folder") from None
+            problems = _shared_problems(checkpoint)
+            if problems:
+                raise CheckpointError(f"checkpoint.init_from={checkpoint} is damaged: {problems[0]}")
+            return checkpoint
+        converted, error = self.checkpoints_dir.parent / "init", None
+        if self.is_main and not (converted / store.LATEST).is_file():
+            try:
+                from_hf_to_checkpoint(source, converted)
+            except (OSError, ValueError, KeyError) as failure:
+                error = f"checkpoint.init_from={source}: not a BLOOM model Hugging Face can read ({failure})"
+        error = _broadcast(error)
+        if error:
+            raise ConfigError(error)
+        return store.resolve_checkpoint(converted)
 
     def _check_compatible(self, checkpoint: Path) -> store.CheckpointMeta:
         meta = store.read_meta(checkpoint)

@@ -49,7 +49,8 @@ class TrainingProgress:
     consumed_tokens: int = 0
     wandb_run_id: str | None = None
     tokens_by_language: dict[str, int] = dataclasses.field(default_factory=dict)
-    best_valid_loss: float | None = None  # for eval.early_stop_patience
+    best_valid_loss: float | None = None  # the best eval.metric so far (the validation loss by default)
+    best_step: int | None = None  # the step it was reached at (checkpoints/best, when the run keeps one)
     evals_without_improvement: int = 0
     nonfinite_steps: int = 0  # steps skipped for a NaN/Inf loss or gradient (bloomtrain/health.py)
     skipped_samples: int = 0  # samples passed over after loss spikes: training reads from consumed + skipped
@@ -178,6 +179,31 @@ def publish(staging: Path, final: Path) -> None:
     os.replace(staging, final)
     _fsync(final.parent)
     write_atomically(final.parent / LATEST, final.name)
+
+
+BEST = "best"
+
+
+def keep_as_best(checkpoint: Path) -> Path:
+    """``checkpoints/best``: a copy of ``checkpoint`` made of hard links (no space while both exist; it
+    outlives the pruning of the original), a checkpoint like any other (export, resume, evaluate)."""
+    best, staging, old = (checkpoint.parent / name for name in (BEST, f"{BEST}.tmp", f"{BEST}.old"))
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def link(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:  # a file system without hard links
+            shutil.copy2(source, target)
+
+    shutil.copytree(checkpoint, staging, copy_function=link)
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        os.replace(best, old)
+    os.replace(staging, best)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync(best.parent)
+    return best
 
 
 def prune(checkpoints_dir: Path, keep: int, keep_every: int) -> list[Path]:

@@ -56,6 +56,12 @@ class BloomTrainConfig:
                 "with bloomtrain.launch started on every node")
         require(not self.train.loss_spike_factor or self.checkpoint.interval > 0,
                 "train.loss_spike_factor rolls back to the newest checkpoint: set checkpoint.interval > 0")
+        fine_tuning = self.data.kind == "finetune"
+        require(fine_tuning or self.train.epochs is None,
+                "train.epochs counts passes over fine-tuning examples; with data.kind=pretraining use train.max_steps")
+        require(self.eval.metric == "loss" or (bool(self.eval.tasks) and "/" in self.eval.metric),
+                f"eval.metric={self.eval.metric!r} must be loss or TASK/METRIC of a task in eval.tasks "
+                "(e.g. eval.tasks=[nusax_sentiment] eval.metric=nusax_sentiment/f1)")
         decay_steps = self.optimizer.decay_steps or self.train.max_steps
         require(
             self.optimizer.warmup_steps < decay_steps,

@@ -36,6 +36,11 @@ class CheckpointConfig:
     """auto: resume from run.dir's newest complete checkpoint, if any; false: start afresh (refused when
     run.dir already has checkpoints); or a path to a checkpoint / run directory to start from."""
 
+    init_from: str | None = None
+    """Start a new run from these weights only (a bloomtrain run or checkpoint of any layout, or a Hugging
+    Face BLOOM folder): a fresh optimizer, LR schedule and step count. Ignored once run.dir has checkpoints
+    of its own (a resume continues those)."""
+
     on_error: str = "stop"
     """When a save fails (disk full, I/O error; the previous checkpoint stays latest): stop, with one
     line and exit status 1, or continue training and try again at the next interval."""

@@ -55,7 +55,14 @@ class OptimizerConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 300
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (with ``train.epochs``: computed from the data, this value ignored)."""
+    epochs: int | None = None
+    """Fine-tuning only: passes over the training examples instead of ``max_steps`` (each epoch a fresh
+    seeded shuffle, packed anew; the steps are the packed rows of all epochs // global_batch_size)."""
+    loss_normalization: str = "token"
+    """Fine-tuning only: token (the loss is the mean over every target token of the global batch) or
+    example (the mean over examples of each example's mean target loss: each weighs the same, as BLOOMZ's
+    norm-target-loss)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one data-parallel rank."""
     global_batch_size: int = 16
@@ -116,6 +123,9 @@ class TrainConfig:
             require((self.global_batch_size - start) % increment == 0,
                     f"train.rampup_batch_size={ramp}: train.global_batch_size={self.global_batch_size} - {start} "
                     f"is not a multiple of the increment {increment}")
+        require(self.epochs is None or self.epochs >= 1, f"train.epochs must be >= 1 or null, got {self.epochs}")
+        require(self.loss_normalization in ("token", "example"),
+                f"train.loss_normalization={self.loss_normalization!r} is not token or example")
         require(self.max_skipped_steps >= 1, "train.max_skipped_steps must be >= 1")
         require(self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
                 f"train.loss_spike_factor must be 0 (off) or above 1, got {self.loss_spike_factor}")

@@ -82,8 +82,8 @@ def read_blend(path: str | Path) -> Blend:
         payload = json.loads(path.read_text())
         if isinstance(payload, dict) and payload.get("kind") == FINETUNE_KIND:
             raise ValueError(f"data.blend={path} holds fine-tuning data (prompt/target pairs from "
-                             "data_tools.finetune), not pretraining text; pretraining on it is not supported: give "
-                             "the data pipeline's blend.json")
+                             "data_tools.finetune), not pretraining text; to fine-tune on it set data.kind=finetune "
+                             "(or experiment=finetune)")
         root = path.parent
         entries = [
             BlendEntry(**{**entry, "prefix": str((root / entry["prefix"]).resolve()),
@@ -110,12 +110,15 @@ def read_blend(path: str | Path) -> Blend:
     return blend
 
 
-def resolve_blend(data: DataConfig, is_main: bool) -> Blend:
-    """The run's blend: ``data.blend``, or with none the bundled sample, prepared on first use.
+def resolve_blend(data: DataConfig, is_main: bool):
+    """The run's blend: ``data.blend``, or with none the bundled sample, prepared on first use; with
+    ``data.kind=finetune``, the fine-tuning blend (``bloomtrain.data.packing.FinetuneBlend``).
 
     Preparing the sample trains a tokenizer with the data tools: the one place the library reaches into
     ``data_tools`` (an import-linter contract allows it here alone).
     """
+    if data.blend is None and data.kind == "finetune":
+        raise ConfigError("data.kind=finetune needs data.blend: the blend.json python -m data_tools.finetune writes")
     if data.blend is None:
         from data_tools.sample import prepare_sample
 
@@ -123,6 +126,10 @@ def resolve_blend(data: DataConfig, is_main: bool) -> Blend:
             logger.info("no data.blend given: using the bundled multilingual sample (cached in %s)", data.cache_dir)
         return read_blend(prepare_sample(data.cache_dir))
     try:
+        if data.kind == "finetune":
+            from bloomtrain.data.packing import read_finetune_blend
+
+            return read_finetune_blend(data.blend)
         return read_blend(data.blend)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(str(error)) from None

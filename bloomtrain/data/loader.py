@@ -201,13 +201,17 @@ class StepBatches:
         atexit.unregister(self.close)
 
 
+TRAINING_KEYS = ("tokens", "labels", "segments", "loss_weights")  # the last two: fine-tuning rows only
+
+
 def tokens_and_labels(samples: list[dict]) -> dict[str, np.ndarray]:
     """Collate only what training reads (megatron-core's samples also carry a loss mask and position
-    ids), as numpy arrays: a worker's arrays reach the trainer pickled through the loader's pipe, while
+    ids; packed fine-tuning rows carry segment ids and loss weights too), as numpy arrays: a worker's
+    arrays reach the trainer pickled through the loader's pipe, while
     tensors would each go through a shared-memory segment the trainer has to open and map, waiting on
     the worker to be scheduled beside its busy threads. A micro-batch of token ids is kilobytes."""
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]).numpy()
-            for key in ("tokens", "labels")}
+            for key in TRAINING_KEYS if key in samples[0]}
 
 
 def step_batches(dataset: Dataset, layout: BatchLayout, consumed_samples: int, end_samples: int,

@@ -56,10 +56,13 @@ class FinetuneBlend:
 def read_finetune_blend(path: str | Path) -> FinetuneBlend:
     """A ``data_tools.finetune`` blend with its paths resolved; errors name ``data.blend``."""
     path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.blend={path} does not exist; point it at the blend.json python -m "
+                                "data_tools.finetune writes")
     payload = json.loads(path.read_text())
     if payload.get("kind") != FINETUNE_KIND:
-        raise ValueError(f"data.blend={path} holds pretraining text, not fine-tuning data; prepare task data with "
-                         "python -m data_tools.finetune")
+        raise ValueError(f"data.blend={path} holds pretraining text, not fine-tuning data (data.kind=finetune); "
+                         "prepare task data with python -m data_tools.finetune, or set data.kind=pretraining")
     root = path.parent
     sources = [FinetuneSource(entry["name"], float(entry["weight"]), {
         split: FinetuneSplit(str(root / entry[split]["prefix"]), str(root / entry[split]["loss_mask"]),
@@ -100,16 +103,27 @@ def pack_rows(lengths: np.ndarray, capacity: int, method: str = "best_fit") -> l
 
 
 class PackedExamples(Dataset):
-    """``epochs`` epochs of packed rows over examples (each a tokens / loss-mask pair of arrays)."""
+    """``epochs`` epochs of packed rows over examples (each a tokens / loss-mask pair of arrays); with
+    ``epochs=None``, as many epochs as give ``min_rows`` rows.
+
+    Each row also carries ``loss_weights``: its loss mask, divided by each example's target count under
+    ``normalization="example"``. :meth:`denominator` is what a global batch's weighted loss sum is divided
+    by (its target tokens, or its examples), so the loss is normalised over the whole global batch
+    whatever its cut into micro-batches and ranks."""
 
     def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], weights: list[float], owners: list[int],
-                 seq_length: int, epochs: int, seed: int, method: str = "best_fit") -> None:
+                 seq_length: int, epochs: int | None, seed: int, method: str = "best_fit", min_rows: int = 0,
+                 normalization: str = "token") -> None:
         """``owners[i]``: which source example ``i`` comes from (its weight is ``weights[owner]``)."""
-        self.examples, self.seq_length = examples, seq_length
+        if not examples:
+            raise ValueError("no examples to pack")
+        self.examples, self.seq_length, self.normalization = examples, seq_length, normalization
         positions = np.array([len(tokens) - 1 for tokens, _ in examples], dtype=np.int64)
+        self.targets = np.array([int(np.count_nonzero(mask[1:])) for _, mask in examples], dtype=np.int64)
         self.rows: list[list[int]] = []
         self.epoch_starts: list[int] = []
-        for epoch in range(epochs):
+        epoch = 0
+        while (epoch < epochs) if epochs is not None else (len(self.rows) < min_rows):
             generator = np.random.default_rng([seed, epoch])
             chosen = []
             for index, owner in enumerate(owners):
@@ -119,6 +133,15 @@ class PackedExamples(Dataset):
             packed = [[int(order[i]) for i in row] for row in pack_rows(positions[order], seq_length, method)]
             self.epoch_starts.append(len(self.rows))
             self.rows += [packed[i] for i in generator.permutation(len(packed))]
+            epoch += 1
+        per_row = [(int(self.targets[row].sum()), int(np.count_nonzero(self.targets[row]))) for row in self.rows]
+        self._cumulative = np.concatenate([np.zeros((1, 2), dtype=np.int64),
+                                           np.cumsum(np.array(per_row, dtype=np.int64).reshape(-1, 2), axis=0)])
+
+    def denominator(self, first: int, count: int) -> int:
+        """Rows ``first .. first + count - 1``'s target tokens (token normalisation) or examples (example)."""
+        column = 0 if self.normalization == "token" else 1
+        return int(self._cumulative[first + count, column] - self._cumulative[first, column])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -132,18 +155,22 @@ class PackedExamples(Dataset):
         tokens = np.zeros(self.seq_length, dtype=np.int64)
         labels = np.zeros(self.seq_length, dtype=np.int64)
         loss_mask = np.zeros(self.seq_length, dtype=np.float32)
+        loss_weights = np.zeros(self.seq_length, dtype=np.float32)
         segments = np.zeros(self.seq_length, dtype=np.int64)
         start = 0
-        for segment, example in enumerate(self.rows[index], 1):
+        for segment, example in enumerate(self.rows[index] if index < len(self.rows) else [], 1):
             example_tokens, example_mask = self.examples[example]
             end = start + len(example_tokens) - 1
             tokens[start:end] = example_tokens[:-1]
             labels[start:end] = example_tokens[1:]
             loss_mask[start:end] = example_mask[1:]
+            loss_weights[start:end] = example_mask[1:] / (1 if self.normalization == "token"
+                                                          else max(1, int(self.targets[example])))
             segments[start:end] = segment
             start = end
         return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "loss_mask": torch.from_numpy(loss_mask), "segments": torch.from_numpy(segments)}
+                "loss_mask": torch.from_numpy(loss_mask), "loss_weights": torch.from_numpy(loss_weights),
+                "segments": torch.from_numpy(segments)}
 
 
 def load_examples(blend: FinetuneBlend, split: str) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
@@ -157,6 +184,7 @@ def load_examples(blend: FinetuneBlend, split: str) -> tuple[list[tuple[np.ndarr
         tokens = IndexedDataset(source.splits[split].prefix)
         masks = IndexedDataset(source.splits[split].loss_mask)
         for index in range(len(tokens)):
-            examples.append((np.asarray(tokens[index], dtype=np.int64), np.asarray(masks[index])))
+            # Copies: the arrays IndexedDataset returns view its memory map, unmapped once it is collected.
+            examples.append((np.array(tokens[index], dtype=np.int64), np.array(masks[index], dtype=np.uint8)))
             owners.append(owner)
     return examples, owners

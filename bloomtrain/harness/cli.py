@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--include_path", action="append", default=[], help="a folder of task YAMLs of your own")
     parser.add_argument("--metadata", default="{}", help='JSON, e.g. \'{"blend": "PATH/blend.json"}\'')
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="test: lm-eval's choice (a task's test split, else its validation split); "
+                             "validation: every task's validation split where it has one")
     parser.add_argument("--bootstrap_iters", type=int, default=100000, help="for standard errors; 0: none")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.max_length is not None and args.max_length < 2) or (
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
     try:
         results = run_tasks(lm, tasks, blend, args.num_fewshot, args.limit, args.bootstrap_iters, args.seed,
-                            args.include_path, metadata)
+                            args.include_path, metadata, args.split)
     except (HarnessError, ValueError, FileNotFoundError) as error:
         print(f"bloomtrain.harness: {error}", file=sys.stderr)
         return 2
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results["bloomtrain"] = {
             "path": str(args.path), "checkpoint": str(loaded.checkpoint), "step": loaded.step,
-            "code_version": code_version(), "seed": args.seed, "processes": world_size,
+            "code_version": code_version(), "seed": args.seed, "split": args.split, "processes": world_size,
             "max_length": lm.max_length, "scores": flat_scores(results),
             "run_config": None if loaded.config is None else json.loads(json.dumps(
                 dataclasses.asdict(loaded.config), default=str))}

@@ -38,6 +38,8 @@ class TaskScores:
         self.interval = eval_config.tasks_interval or eval_config.interval
         self.limit = eval_config.tasks_limit or None
         self.num_fewshot = eval_config.tasks_num_fewshot
+        self.split = eval_config.tasks_split
+        self.higher_is_better: dict[str, bool] = {}  # "<task>/<metric>" -> as the task declares it
         try:
             task_specs(self.names, blend)
         except HarnessError as error:
@@ -60,14 +62,22 @@ class TaskScores:
             notify(f"tasks at step {step}: " + ", ".join(f"{name} {value:.4g}" for name, value in scores.items()))
         return scores
 
-    def run(self) -> dict[str, float]:
+    def run(self, split: str | None = None) -> dict[str, float]:
         """Collective: ``{"<task>/<metric>": score}`` on the ranks that hold lm-eval's results (the first
-        data-parallel rank of each model-parallel group, global rank 0 among them); ``{}`` elsewhere."""
+        data-parallel rank of each model-parallel group, global rank 0 among them); ``{}`` elsewhere.
+        ``split`` overrides ``eval.tasks_split`` (the test split, scored once at the end of a fine-tuning run)."""
+        from bloomtrain.console import task_scoring_quietly
         from bloomtrain.harness.suite import flat_scores, run_tasks
 
-        results = run_tasks(self.lm, self.names, self.blend, self.num_fewshot, self.limit, seed=TASK_SEED,
-                            include_paths=self.include_paths)
-        return flat_scores(results) if results is not None else {}
+        with task_scoring_quietly():
+            results = run_tasks(self.lm, self.names, self.blend, self.num_fewshot, self.limit, seed=TASK_SEED,
+                                include_paths=self.include_paths, split=split or self.split)
+        if results is None:
+            return {}
+        for task, metrics in results.get("higher_is_better", {}).items():
+            for metric, higher in metrics.items():
+                self.higher_is_better[f"{task}/{metric}"] = bool(higher)
+        return flat_scores(results)
 
 
 def check_task_names(names: list[str], include_paths: list[str] = ()) -> None:

@@ -136,13 +136,33 @@ def _perplexity_per_token(items: list[tuple[float, int]]) -> float:
     return math.exp(min(_loss_per_token(items), 700.0))
 
 
+SPLITS = ("test", "validation")
+
+
 def run_tasks(lm, names: list[str], blend=None, num_fewshot: int | None = None, limit: float | None = None,
               bootstrap_iters: int = 0, seed: int = 1234, include_paths: list[str] = (),
-              metadata: dict | None = None) -> dict | None:
-    """lm-eval's ``simple_evaluate`` over ``names``: its results dict on the model's rank 0, None elsewhere."""
+              metadata: dict | None = None, split: str = "test") -> dict | None:
+    """lm-eval's ``simple_evaluate`` over ``names``: its results dict on the model's rank 0, None elsewhere.
+
+    ``split="test"`` is lm-eval's choice (a task's test split when it has one, else its validation split);
+    ``"validation"`` scores the validation split of every task that has one, so that scores taken during
+    training to choose a checkpoint never see the test documents."""
     import lm_eval
 
+    if split not in SPLITS:
+        raise HarnessError(f"split {split!r} is not one of {SPLITS}")
     manager = task_manager(names, include_paths)
+    if split == "validation":
+        load = manager.load
+
+        def load_validation_splits(tasks):
+            loaded = load(tasks)
+            for task in loaded["tasks"].values():
+                if task.has_validation_docs():
+                    task.config.test_split = None  # lm-eval scores the test split whenever one is named
+            return loaded
+
+        manager.load = load_validation_splits
     return lm_eval.simple_evaluate(model=lm, tasks=task_specs(names, blend), num_fewshot=num_fewshot, limit=limit,
                                    bootstrap_iters=bootstrap_iters, task_manager=manager, random_seed=seed,
                                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -91,20 +91,40 @@ class TrainingEngine:
         )
         self.module = self.engine.module
 
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch's loss: the mean over its tokens, or (packed fine-tuning rows) the sum of its
+        weighted target losses, its examples kept apart by their segment ids."""
+        device = self.engine.device
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        if "segments" in batch:
+            logits = self.engine(tokens, segments=batch["segments"].to(device, non_blocking=True))
+        else:
+            logits = self.engine(tokens)
+        if "loss_weights" in batch:
+            return vocab_parallel_loss(logits, (labels, batch["loss_weights"].to(device, non_blocking=True)))
+        return vocab_parallel_loss(logits, labels)
+
+    @staticmethod
+    def _pipeline_batches(micro_batches: list[dict[str, torch.Tensor]]):
+        """(inputs, labels) per micro-batch, as the pipeline's first and last stages take them."""
+        def pair(batch):
+            inputs = (batch["tokens"], batch["segments"]) if "segments" in batch else batch["tokens"]
+            labels = (batch["labels"], batch["loss_weights"]) if "loss_weights" in batch else batch["labels"]
+            return inputs, labels
+        return iter([pair(batch) for batch in micro_batches])
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         self.engine.train()
         if self.layout.pipeline > 1:
-            batches = iter([(batch["tokens"], batch["labels"]) for batch in micro_batches])
-            loss = self.engine.train_batch(data_iter=batches).item()
+            loss = self.engine.train_batch(data_iter=self._pipeline_batches(micro_batches)).item()
         else:
             total = torch.zeros((), device=self.engine.device)
             for index, batch in enumerate(micro_batches):
                 # The step's last micro-batch is the boundary, said explicitly: DeepSpeed's own micro-step
                 # count drifts from the step boundaries once a batch ramp-up changes their number.
                 self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
-                tokens = batch["tokens"].to(self.engine.device, non_blocking=True)
-                labels = batch["labels"].to(self.engine.device, non_blocking=True)
-                loss = vocab_parallel_loss(self.engine(tokens), labels)
+                loss = self._loss(batch)
                 self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps
                 started = time.perf_counter()
                 self.engine.step()  # an optimizer step only at the accumulation boundary (the last)
@@ -144,13 +164,11 @@ class TrainingEngine:
         """Forward only: the mean loss of one step's micro-batches, averaged over data-parallel ranks."""
         self.engine.eval()
         if self.layout.pipeline > 1:
-            batches = iter([(batch["tokens"], batch["labels"]) for batch in micro_batches])
-            return self.engine.eval_batch(data_iter=batches, num_micro_batches=len(micro_batches)).item()
+            return self.engine.eval_batch(data_iter=self._pipeline_batches(micro_batches),
+                                          num_micro_batches=len(micro_batches)).item()
         total = torch.zeros((), device=self.engine.device)
         for batch in micro_batches:
-            tokens = batch["tokens"].to(self.engine.device, non_blocking=True)
-            labels = batch["labels"].to(self.engine.device, non_blocking=True)
-            total += vocab_parallel_loss(self.engine(tokens), labels).float()
+            total += self._loss(batch).float()
         total /= len(micro_batches)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         return total.item() / self.layout.data

@@ -198,11 +198,18 @@ def _average_over_tensor_group(grad: torch.Tensor) -> torch.Tensor:
     return _sum_over_tensor_group(grad) / parallel_state.get_tensor_model_parallel_world_size()
 
 
-def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over vocab-parallel logits (any tensor-parallel size, 1 included).
+def vocab_parallel_loss(logits: torch.Tensor,
+                        labels: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross entropy over vocab-parallel logits (any tensor-parallel size, 1 included);
+    with ``labels`` a pair ``(labels, weights)`` (packed fine-tuning rows), the weighted sum instead.
 
     ``logits`` are [batch, seq, vocab shard], normally the transposed view of the model's sequence-first
     product: transposing back gives the contiguous tensor megatron-core's loss needs without a copy.
+    The pipeline's last stage calls this too, so the weights travel as part of its labels.
     """
+    weights = None
+    if isinstance(labels, (tuple, list)):
+        labels, weights = labels
     logits = logits.transpose(0, 1).contiguous()
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).mean()
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
+    return losses.mean() if weights is None else (losses * weights.t().float()).sum()

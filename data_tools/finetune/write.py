@@ -102,7 +102,8 @@ def prepare(config: FinetuneConfig) -> dict[str, Any]:
         for split, record in tqdm(records_by_split(source, config), desc=source.name, unit=" records",
                                   mininterval=2):
             read += 1
-            turns = record if isinstance(record, BadRecord) else to_turns(record, source.prompt, source.target, source.format)
+            turns = record if isinstance(record, BadRecord) else to_turns(record, source.prompt, source.target,
+                                                                          source.format)
             encoded = turns if isinstance(turns, BadRecord) else encode_example(encoder, turns, config.seq_length)
             if isinstance(encoded, BadRecord):
                 skipped[encoded.reason] += 1
