@@ -87,6 +87,11 @@ class BloomtrainStep:
         trainer.scheduler.step(batch)
         started = time.perf_counter()
         micro_batches = next(trainer.batches)
+        if trainer.finetune is not None:  # as Trainer.train_step: the weights of the step's share
+            from bloomtrain.data.finetune import scale_loss_weights
+
+            scale_loss_weights(micro_batches, trainer.dataset.denominator(trainer.progress.consumed_samples, batch),
+                               trainer.layout.data)
         self.loader_seconds.append(time.perf_counter() - started)
         trainer.engine.train_step(micro_batches)
         trainer.engine.parameter_norm()

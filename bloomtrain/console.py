@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
 import warnings
@@ -135,17 +136,28 @@ class _ToLibraryLog(io.TextIOBase):
 @contextlib.contextmanager
 def task_scoring_quietly() -> Iterator[None]:
     """Around lm-eval's run inside a training run: its progress bars (one per task, with no switch to turn
-    them off) and its INFO/WARNING lines (the tasks it selected, "Overwriting default num_fewshot") go to
-    the log; bloomtrain says on the terminal which scores it got. lm-eval's errors still reach the terminal."""
+    them off), its INFO/WARNING lines (the tasks it selected, "Overwriting default num_fewshot") and the
+    complaint of the ``git describe`` it runs for its results outside a repository (written straight to
+    file descriptor 2) go to the log; bloomtrain says on the terminal which scores it got. lm-eval's
+    errors still reach the terminal."""
+    files = [h.baseFilename for h in library_log.handlers if isinstance(h, logging.FileHandler)]
+    sys.stderr.flush()
+    terminal_fd = os.dup(2)
+    terminal = logging.StreamHandler(os.fdopen(os.dup(terminal_fd), "w", buffering=1))
+    terminal.setLevel(logging.ERROR)
     lm_eval = logging.getLogger("lm_eval")
     saved = lm_eval.propagate, lm_eval.handlers[:], lm_eval.level
-    terminal = logging.StreamHandler(sys.stderr)
-    terminal.setLevel(logging.ERROR)
     lm_eval.handlers[:] = [terminal, *[h for h in library_log.handlers if isinstance(h, logging.FileHandler)]]
     lm_eval.propagate = False
     lm_eval.setLevel(logging.INFO)
     try:
+        with open(files[0] if files else os.devnull, "a") as log:
+            os.dup2(log.fileno(), 2)
         with contextlib.redirect_stderr(_ToLibraryLog()):
             yield
     finally:
-        lm_eval.propagate, lm_eval.handlers[:], _ = saved[0], saved[1], lm_eval.setLevel(saved[2])
+        os.dup2(terminal_fd, 2)
+        os.close(terminal_fd)
+        terminal.stream.close()
+        lm_eval.propagate, lm_eval.handlers[:] = saved[0], saved[1]
+        lm_eval.setLevel(saved[2])

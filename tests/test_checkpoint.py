@@ -112,7 +112,10 @@ def test_training_starts_from_hugging_face_weights_under_any_layout(tmp_path, sa
     single, tensor = tmp_path / "single", tmp_path / "tensor"
     result = run_train(tiny_run(single, sample_cache, *common, f"checkpoint.resume={start}"))
     assert "starting from the weights in" in result.stderr
-    run_torchrun(2, tiny_run(tensor, sample_cache, *common, "parallel.tensor=2", f"checkpoint.resume={start}"))
+    # The Hugging Face folder itself as checkpoint.init_from (what fine-tuning runs start from): converted
+    # once into the run directory, the same weights.
+    run_torchrun(2, tiny_run(tensor, sample_cache, *common, "parallel.tensor=2", f"checkpoint.init_from={hf_dir}"))
+    assert (tensor / "init" / "latest").is_file()
     assert [m["step"] for m in read_metrics(single)] == [1, 2]  # a new run: step 1, fresh optimizer
     assert _losses(single)[1] < _losses(fresh)[1] - 0.1  # the trained weights, not a fresh init
     for step in (1, 2):

@@ -138,15 +138,22 @@ def test_a_run_stopped_in_the_middle_of_an_epoch_resumes_exactly(tmp_path, sampl
 
 def test_early_stopping_keeps_the_best_checkpoint_and_scores_the_test_split_with_it(
         tmp_path, sample_cache, checkpointed_run, task_data):
+    from data_tools.sample import prepare_sample
+
     run_dir = tmp_path / "stopping"
     # A learning rate too high to settle: the validation loss falls for some steps, then rises for good.
+    # The starting model's pretraining data is validated too (does it forget?).
     result = run_train(finetune_run(run_dir, sample_cache, checkpointed_run, task_data, "train.micro_batch_size=4",
                                     "train.max_steps=30", "optimizer.lr=0.01", "optimizer.min_lr=0.01",
-                                    "eval.interval=1", "eval.early_stop_patience=3", "checkpoint.interval=0",
-                                    "checkpoint.keep=1", "train.loss_normalization=example"))
+                                    "eval.interval=1", "eval.iters=2", "eval.early_stop_patience=3",
+                                    "checkpoint.interval=0", "checkpoint.keep=1", "train.loss_normalization=example",
+                                    f"eval.pretraining_blend={prepare_sample(sample_cache)}"))
     steps = read_metrics(run_dir)
     evaluations = read_metrics(run_dir, EVAL_FILE)
     assert all(m["nonfinite_steps"] == 0 for m in steps)  # stopped by the metric, not by skipped steps
+    assert set(evaluations[0]["languages"]) == {"sentiment_eng", "sentiment_ind"}
+    forgetting = [row["pretraining"]["loss"] for row in evaluations]
+    assert len(evaluations[0]["pretraining"]["languages"]) > 5 and forgetting[-1] > forgetting[0]
     best = min(evaluations, key=lambda row: row["loss"])
     assert 1 < best["step"] and len(steps) == best["step"] + 3 < 30 and "stopped early" in result.stdout + result.stderr
     assert json.loads((run_dir / "checkpoints" / "best" / "meta.json").read_text())["progress"]["step"] == best["step"]
@@ -204,6 +211,10 @@ def test_the_worked_nusax_example_beats_its_start_and_the_majority_baseline(tmp_
           f"fine-tuned {after['nusax_sentiment/f1']:.3f}, majority {baseline:.3f}")
     assert after["nusax_sentiment/f1"] > max(before["nusax_sentiment/f1"], baseline) + 0.1
     assert "test split" in result.stdout
+    # lm-eval's progress bars and INFO/WARNING lines inside the run went to the log, not the terminal.
+    terminal = result.stdout + result.stderr
+    assert "Tokenizing inputs" not in terminal and "lm_eval" not in terminal and "it/s]" not in terminal
+    assert "Tokenizing inputs" in (run_dir / "logs" / "rank-0.log").read_text()
 
 
 def majority_baseline(limit: int) -> float:
