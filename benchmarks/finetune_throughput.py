@@ -54,10 +54,10 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="~/.cache/bloomtrain", help="where the bundled sample is prepared")
     args = parser.parse_args()
 
-    from data_tools.sample import prepare_sample
     from train_throughput import SHAPES, run_pair
 
     from bloomtrain.data.blend import read_blend
+    from data_tools.sample import prepare_sample
 
     cache = Path(args.cache_dir).expanduser()
     tokenizer = read_blend(prepare_sample(cache)).tokenizer
