@@ -5,6 +5,10 @@ Building follows one order: the checkpoint manager decides what the run starts f
 the model is built for the layout from that plan (``parallel/parallelize.py``), then the optimizer, the
 DeepSpeed engine and the LR schedule, and ``restore`` fills them and returns where training stands.
 
+A fine-tuning run (``data.kind=finetune``) reads packed prompt/target rows instead of megatron-core's
+datasets (``data/finetune.py``), weighs the loss to the global batch's targets, keeps the best checkpoint
+by ``eval.metric`` and, at the end, scores the test split from it (``selection.py``).
+
 Every rank runs this file; rank 0 alone writes the config, the metrics and the progress line.
 """
 

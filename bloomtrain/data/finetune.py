@@ -108,6 +108,10 @@ def prepare_finetune_data(blend: FinetuneBlend, config, is_main: bool) -> Finetu
         if config.optimizer.warmup_steps >= decay:
             raise ConfigError(f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be smaller than the "
                               f"{decay} steps of train.epochs={train.epochs}; lower it")
+    if is_main and config.eval.interval and not data.valid:
+        logging.getLogger(__name__).warning(
+            "eval.interval=%d but data.blend holds no validation examples: no validation, and eval.metric=loss "
+            "never improves; prepare the data with valid files or split.valid_fraction > 0", config.eval.interval)
     if is_main:
         per_epoch = data.train.epoch_starts[1] if len(data.train.epoch_starts) > 1 else len(data.train)
         logging.getLogger(__name__).info(
