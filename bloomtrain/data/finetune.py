@@ -7,7 +7,7 @@ positions (``loss_weights``: the target mask, per example under ``train.loss_nor
 :func:`scale_loss_weights` turns the weights of one step into the share of the whole global batch, so
 that DeepSpeed's averaging over micro-batches and data-parallel ranks gives the global mean.
 
-Each task's validation and test rows are packed in order (greedy); ``bloomtrain/evaluation.py`` scores them.
+Each task's validation and test rows are one seeded epoch, packed greedily; ``bloomtrain/evaluation.py`` scores them.
 """
 
 from __future__ import annotations
@@ -44,29 +44,35 @@ class FinetuneData:
 def build_finetune_data(blend: FinetuneBlend, train: TrainConfig, packing: str, rows_needed: int) -> FinetuneData:
     """Training rows for ``train.epochs`` epochs, or for at least ``rows_needed`` rows; each source's
     validation and test rows."""
-    if blend.seq_length > train.seq_length:
-        longest = max(len(tokens) - 1 for tokens, _ in load_examples(blend, "train")[0])
-        if longest > train.seq_length:
-            raise ConfigError(f"train.seq_length={train.seq_length} is shorter than the longest fine-tuning example "
-                              f"({longest} positions); raise it to at least {longest}, or prepare the data with "
-                              f"seq_length={train.seq_length}")
     examples, owners = load_examples(blend, "train")
     if not examples:
         raise ConfigError("data.blend holds no training examples (its report.json says why records were skipped)")
+    valid, test = _per_source(blend, "valid"), _per_source(blend, "test")
+    longest = max(len(tokens) - 1 for split in (examples, *[e for e, _ in (*valid.values(), *test.values())])
+                  for tokens, _ in split)
+    if longest > train.seq_length:
+        raise ConfigError(f"train.seq_length={train.seq_length} is shorter than the longest fine-tuning example "
+                          f"({longest} positions); raise it to at least {longest}, or prepare the data with "
+                          f"seq_length={train.seq_length}")
     weights = [source.weight for source in blend.sources]
     rows = PackedExamples(examples, weights, owners, train.seq_length, train.epochs, train.seed, packing,
                           min_rows=rows_needed, normalization=train.loss_normalization)
-    return FinetuneData(blend, rows, _per_source(blend, "valid", train), _per_source(blend, "test", train))
+
+    def packed(sets: dict) -> dict[str, PackedExamples]:  # one seeded epoch: each example once
+        return {name: PackedExamples(split_examples, [1.0], split_owners, train.seq_length, 1, train.seed + index,
+                                     "greedy", normalization="token")
+                for index, (name, (split_examples, split_owners)) in enumerate(sets.items())}
+
+    return FinetuneData(blend, rows, packed(valid), packed(test))
 
 
-def _per_source(blend: FinetuneBlend, split: str, train: TrainConfig) -> dict[str, PackedExamples]:
+def _per_source(blend: FinetuneBlend, split: str) -> dict[str, tuple[list, list[int]]]:
+    """Each source's examples of ``split`` (sources without any left out)."""
     sets = {}
-    for index, source in enumerate(blend.sources):
-        single = dataclasses.replace(blend, sources=[source])
-        examples, owners = load_examples(single, split)
+    for source in blend.sources:
+        examples, owners = load_examples(dataclasses.replace(blend, sources=[source]), split)
         if examples:
-            sets[source.name] = PackedExamples(examples, [1.0], owners, train.seq_length, 1, train.seed + index,
-                                               "greedy", normalization="token")
+            sets[source.name] = (examples, owners)
     return sets
 
 
