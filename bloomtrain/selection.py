@@ -155,7 +155,8 @@ class TestSplit:
         trainer.activity = "loading the best checkpoint for the test split"
         with trainer.bounds.long_phase():
             plan = trainer.checkpoints.plan_load(checkpoint)
-            trainer.checkpoints.restore(plan, trainer.engine.engine, trainer.scheduler)
+            trainer.checkpoints.restore(plan, trainer.engine.engine, trainer.scheduler,
+                                        why="the test split is scored with")
             scores = score_test_split(trainer)
         if not trainer.context.is_main:
             return

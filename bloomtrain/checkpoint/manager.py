@@ -222,7 +222,7 @@ class CheckpointManager:
                 return ResumePlan(checkpoint, meta, checkpoint, False, self.padded_vocab_size)
         return None
 
-    def restore(self, plan: ResumePlan, engine, scheduler) -> TrainingProgress:
+    def restore(self, plan: ResumePlan, engine, scheduler, why: str = "resumed from") -> TrainingProgress:
         """Collective: model, optimizer, scheduler and RNG from ``plan`` into a run; returns where it stands."""
         if plan.checkpoint is None:
             return TrainingProgress()
@@ -235,7 +235,7 @@ class CheckpointManager:
         progress = plan.meta.progress
         if self.is_main:
             how = f" (re-sharded from {plan.meta.layout} through a universal checkpoint)" if plan.universal else ""
-            logger.info("resumed from %s at step %d, %d samples consumed%s", plan.checkpoint, progress.step,
+            logger.info("%s %s at step %d, %d samples consumed%s", why, plan.checkpoint, progress.step,
                         progress.consumed_samples, how)
         return progress
 
