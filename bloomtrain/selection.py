@@ -17,7 +17,6 @@ the first step).
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,6 @@ import torch
 import torch.distributed as dist
 
 from bloomtrain.config import ConfigError, EvalConfig
-
-logger = logging.getLogger(__name__)
 
 TEST_FILE = "test.json"
 TEST_START_FILE = "test_start.json"

@@ -44,7 +44,7 @@ class EvalConfig:
     metric: str = "loss"
     """What "best" means: loss (the validation loss; lower is better) or TASK/METRIC, a score of eval.tasks
     as logged under tasks/ (e.g. nusax_sentiment/f1; higher is better unless the task says otherwise).
-    A fine-tuning run, or any run with eval.early_stop_patience, keeps checkpoints/best by it."""
+    A fine-tuning run, or any run naming a task metric, keeps checkpoints/best by it."""
     pretraining_blend: str | None = None
     """Fine-tuning: a pretraining blend (the starting model's data) whose validation sets are evaluated too,
     logged as pretraining/<language>: does the model forget?"""

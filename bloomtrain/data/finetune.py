@@ -12,7 +12,7 @@ Each task's validation and test rows are one seeded epoch, packed greedily; ``bl
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +20,8 @@ import torch
 
 from bloomtrain.config import ConfigError, TrainConfig
 from bloomtrain.data.packing import FinetuneBlend, PackedExamples, load_examples
+
+logger = logging.getLogger(__name__)
 
 MicroBatches = list[dict[str, torch.Tensor]]
 
@@ -35,7 +37,6 @@ def scale_loss_weights(micro_batches: MicroBatches, denominator: int, data_paral
 
 @dataclass
 class FinetuneData:
-    blend: FinetuneBlend
     train: PackedExamples
     valid: dict[str, PackedExamples]
     test: dict[str, PackedExamples]
@@ -63,22 +64,18 @@ def build_finetune_data(blend: FinetuneBlend, train: TrainConfig, packing: str, 
                                      "greedy", normalization="token")
                 for index, (name, (split_examples, split_owners)) in enumerate(sets.items())}
 
-    return FinetuneData(blend, rows, packed(valid), packed(test))
+    return FinetuneData(rows, packed(valid), packed(test))
 
 
 def _per_source(blend: FinetuneBlend, split: str) -> dict[str, tuple[list, list[int]]]:
     """Each source's examples of ``split`` (sources without any left out)."""
-    sets = {}
-    for source in blend.sources:
-        examples, owners = load_examples(dataclasses.replace(blend, sources=[source]), split)
-        if examples:
-            sets[source.name] = (examples, owners)
+    examples, owners = load_examples(blend, split)
+    sets: dict[str, tuple[list, list[int]]] = {}
+    for example, owner in zip(examples, owners, strict=True):
+        source_examples, source_owners = sets.setdefault(blend.sources[owner].name, ([], []))
+        source_examples.append(example)
+        source_owners.append(0)  # each set holds one source
     return sets
-
-
-def steps_in(rows: int, global_batch_size: int) -> int:
-    """Steps over ``rows`` packed rows: whole global batches (the rows of a last partial one are left)."""
-    return rows // global_batch_size
 
 
 def rows_loss(loss_of: Callable[[MicroBatches], float], data_parallel: int) -> Callable[[MicroBatches], float]:
@@ -96,8 +93,6 @@ def rows_loss(loss_of: Callable[[MicroBatches], float], data_parallel: int) -> C
 def prepare_finetune_data(blend: FinetuneBlend, config, is_main: bool) -> FinetuneData:
     """The run's fine-tuning data; with ``train.epochs``, sets ``train.max_steps`` from it (``config`` is the
     whole BloomTrainConfig)."""
-    import logging
-
     train = config.train
     if train.rampup_batch_size:
         raise ConfigError("train.rampup_batch_size is for pretraining; a fine-tuning run (data.blend of "
@@ -105,7 +100,7 @@ def prepare_finetune_data(blend: FinetuneBlend, config, is_main: bool) -> Finetu
     spare = train.loss_spike_max_rollbacks * config.checkpoint.interval if train.loss_spike_factor else 0
     data = build_finetune_data(blend, train, config.data.packing, (train.max_steps + spare) * train.global_batch_size)
     if train.epochs is not None:
-        steps = steps_in(len(data.train), train.global_batch_size)
+        steps = len(data.train) // train.global_batch_size  # whole global batches; a last partial one is left
         if steps < 1:
             raise ConfigError(f"train.epochs={train.epochs} gives {len(data.train)} packed rows, less than one "
                               f"global batch (train.global_batch_size={train.global_batch_size}); lower it")
@@ -115,12 +110,12 @@ def prepare_finetune_data(blend: FinetuneBlend, config, is_main: bool) -> Finetu
             raise ConfigError(f"optimizer.warmup_steps={config.optimizer.warmup_steps} must be smaller than the "
                               f"{decay} steps of train.epochs={train.epochs}; lower it")
     if is_main and config.eval.interval and not data.valid:
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "eval.interval=%d but data.blend holds no validation examples: no validation, and eval.metric=loss "
             "never improves; prepare the data with valid files or split.valid_fraction > 0", config.eval.interval)
     if is_main:
         per_epoch = data.train.epoch_starts[1] if len(data.train.epoch_starts) > 1 else len(data.train)
-        logging.getLogger(__name__).info(
+        logger.info(
             "fine-tuning data: %d training examples over %d tasks, %d packed rows per epoch (packing efficiency "
             "%.1f%%); %d steps", len(data.train.examples), len(blend.sources), per_epoch,
             100 * data.train.efficiency(), train.max_steps)
