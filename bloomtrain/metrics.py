@@ -120,7 +120,13 @@ def read_metrics(run_dir: str | Path, name: str = METRICS_FILE) -> list[dict[str
     path = Path(run_dir) / name
     if name == EVAL_FILE and not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _whole_lines(path.read_text(encoding="utf-8"))]
+
+
+def _whole_lines(text: str) -> list[str]:
+    """The non-empty lines that were written whole. The file is read while the run appends to it, and a kill
+    can land in a write: a last line without its newline is still being written, or never will be."""
+    return [line for line in text.split("\n")[:-1] if line.strip()]
 
 
 def _is_number(value: Any) -> bool:
@@ -130,9 +136,9 @@ def _is_number(value: Any) -> bool:
 def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
+    text = path.read_text(encoding="utf-8")
+    kept = [line for line in _whole_lines(text) if json.loads(line)["step"] <= step]
+    if "".join(line + "\n" for line in kept) != text:
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

@@ -35,10 +35,11 @@ from bloomtrain.data.loader import BatchLayout, build_train_dataset, load_tokeni
 from bloomtrain.data.packing import FinetuneBlend
 from bloomtrain.data.token_files import check_token_files
 from bloomtrain.distributed import DistributedContext, set_collective_timeout
+from bloomtrain.divergence import count_skipped, end_of_run_status, roll_back, stop_diverged, what_diverged
 from bloomtrain.evaluation import build_pretraining_validation, build_target_validation, build_validation
 from bloomtrain.flops import device_peak
 from bloomtrain.harness.in_training import build_task_scores
-from bloomtrain.health import EXIT_DIVERGED, Action, CollectiveBounds, Heartbeat, StepHealth, Verdict, is_finite
+from bloomtrain.health import Action, CollectiveBounds, Heartbeat, StepHealth, Verdict, is_finite
 from bloomtrain.metrics import MetricsLogger, summary_rows
 from bloomtrain.parallel.engine import StepResult
 from bloomtrain.parallel.layout import ParallelLayout
@@ -153,7 +154,7 @@ class Trainer:
                                                train.seed, self.run_dir / "data_index")
             self.validation = build_validation(self.blend, self.tokenizer, train, config.eval, self.batch_layout,
                                                self.run_dir / "data_index", self.context.is_main)
-        self.batches = self._batches_from(self.progress)
+        self.batches = self.batches_from(self.progress)
         self.task_scores = build_task_scores(config, self.engine, self.blend, self.layout.sequence_parallel)
         self.test_split = TestSplit(self) if self.finetune is not None else None
 
@@ -194,19 +195,19 @@ class Trainer:
                 step = self.train_step()
                 verdict = self.health.judge(self.progress.step + 1, step.result.loss, step.result.grad_norm,
                                             step.param_norm)
-                self._count_skipped(verdict, step.result)
+                count_skipped(self, verdict, step.result)
                 self._log_step(step, display)
                 self.bounds.record(step.elapsed)
                 self.heartbeat.step, self.heartbeat.step_seconds = self.progress.step, self.bounds.median_step
                 if verdict.action in (Action.DIVERGED, Action.WEIGHTS_DIVERGED):
-                    status = self._stop_diverged(self._what_diverged(verdict))
+                    status = stop_diverged(self, what_diverged(self, verdict))
                 elif verdict.action is Action.ROLL_BACK:
-                    status = self._roll_back(verdict)
+                    status = roll_back(self, verdict)
                 else:
                     self.new_best, stop_early = evaluate_if_due(self)
                     status = self._checkpoint_and_decide_exit(verdict, stop_early)
         if status is None:
-            status = self._end_of_run_status()
+            status = end_of_run_status(self)
         if status == 0 and self.test_split is not None:
             self.test_split.score_best()
         self.stops.restore()
@@ -265,7 +266,7 @@ class Trainer:
             return None
         if not due:
             self.save()
-        self._record_stop(reason, EXIT_RESUMABLE)
+        self.record_stop(reason, EXIT_RESUMABLE)
         if self.context.is_main:
             notify(f"stopped after step {progress.step} ({reason}); checkpoint saved, "
                    f"exiting with status {EXIT_RESUMABLE} so the job can be requeued")
@@ -278,87 +279,11 @@ class Trainer:
         self.activity = activity
         return self.stop_reason is not None
 
-    def _record_stop(self, reason: str, status: int) -> None:
+    def record_stop(self, reason: str, status: int) -> None:
         """``RUN_DIR/stopped.json``: why and how the run stopped, for the launcher and job scripts."""
         if self.context.is_main:
             record = {"step": self.progress.step, "reason": reason, "exit_status": status}
             (self.run_dir / STOP_RECORD).write_text(json.dumps(record) + "\n")
-
-    def _roll_back(self, verdict: Verdict) -> int | None:
-        """Collective: load the newest checkpoint into the running engine and read on from the data position
-        reached, passing over every sample read since that checkpoint. None to carry on, or EXIT_DIVERGED."""
-        train, old = self.config.train, self.progress
-        plan = self.checkpoints.plan_rollback()
-        position = old.consumed_samples + old.skipped_samples
-        spare = self.total_samples - self.run_samples
-        skipped = position - plan.meta.progress.consumed_samples if plan else 0
-        if plan is None or old.loss_spikes >= train.loss_spike_max_rollbacks or skipped > spare:
-            reason = ("no checkpoint of this run under this layout to roll back to" if plan is None else
-                      f"train.loss_spike_max_rollbacks={train.loss_spike_max_rollbacks} used up"
-                      if old.loss_spikes >= train.loss_spike_max_rollbacks else
-                      f"skipping {skipped} more samples would run past the data prepared for rollbacks")
-            if self.context.is_main:
-                notify(f"training diverged: {verdict.reason}; {reason}. Stopping with nothing saved after it; "
-                       "lower optimizer.lr or check the data, then restart (checkpoint.resume=PATH for an older one)")
-            self._record_stop("loss spike", EXIT_DIVERGED)
-            return EXIT_DIVERGED
-        passed_over = position - (plan.meta.progress.consumed_samples + plan.meta.progress.skipped_samples)
-        with self.bounds.long_phase():
-            restored = self.checkpoints.restore(plan, self.engine.engine, self.scheduler)
-        restored.skipped_samples = position - restored.consumed_samples
-        restored.loss_spikes = old.loss_spikes + 1
-        restored.wandb_run_id, restored.nonfinite_steps = old.wandb_run_id, old.nonfinite_steps
-        self.progress = restored
-        self.batches.close()
-        self.batches = self._batches_from(restored)
-        self.heartbeat.step = restored.step
-        if self.metrics is not None:
-            self.metrics.rewind(restored.step)
-            notify(f"{verdict.reason}; rolled back to {plan.checkpoint.name} and passed over the {passed_over} "
-                   f"samples read since (rollback {restored.loss_spikes} of {train.loss_spike_max_rollbacks})")
-        return None
-
-    def _count_skipped(self, verdict: Verdict, result: StepResult) -> None:
-        if not verdict.skipped:
-            return
-        self.progress.nonfinite_steps += 1
-        if verdict.action is not Action.DIVERGED and self.context.is_main:
-            logger.warning("step %d skipped: loss %s, gradient norm %s (weights and optimizer state untouched; "
-                           "the run stops after train.max_skipped_steps=%d such steps in a row)",
-                           self.progress.step + 1, result.loss, result.grad_norm, self.config.train.max_skipped_steps)
-
-    def _what_diverged(self, verdict: Verdict) -> str:
-        if verdict.action is Action.WEIGHTS_DIVERGED:
-            return f"the weights became NaN/Inf at step {self.progress.step}"
-        streak = self.health.non_finite
-        return (f"the loss or gradients were NaN/Inf for {streak.in_a_row} steps in a row (steps {streak.first_step}-"
-                f"{self.progress.step}, each skipped; train.max_skipped_steps={self.config.train.max_skipped_steps})")
-
-    def _end_of_run_status(self) -> int:
-        """0 only for a run that ends with a usable checkpoint of healthy weights: not inside a streak of skipped
-        steps (too short to have stopped it), not with a non-finite final validation, not after a failed last save."""
-        streak, step = self.health.non_finite, self.progress.step
-        if streak.in_a_row:
-            return self._stop_diverged(f"the run ended inside a streak of {streak.in_a_row} NaN/Inf steps (steps "
-                                       f"{streak.first_step}-{step}, each skipped)")
-        if self.last_evaluation == (step, False):
-            return self._stop_diverged(f"the validation loss after the last step ({step}) is NaN/Inf")
-        if self.failed_save_step == step:
-            if self.context.is_main:
-                notify(f"the checkpoint of the last step ({step}) could not be saved (checkpoint.on_error=continue); "
-                       f"the newest is {latest_checkpoint(self.checkpoints_dir)}. Free space, then restart to finish")
-            return 1
-        return 0
-
-    def _stop_diverged(self, what: str) -> int:
-        """Stop without saving: the newest checkpoint is the last good state."""
-        if self.context.is_main:
-            latest = latest_checkpoint(self.checkpoints_dir)
-            kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved before it"
-            notify(f"training diverged: {what}; nothing saved after it, {kept}. Lower optimizer.lr (now "
-                   f"{self.config.optimizer.lr:g}) or check the data, then restart: it resumes from that checkpoint")
-        self._record_stop("diverged", EXIT_DIVERGED)
-        return EXIT_DIVERGED
 
     def _log_step(self, step: Step, display: StepProgress) -> None:
         progress, train, result = self.progress, self.config.train, step.result
@@ -383,7 +308,7 @@ class Trainer:
         self.metrics.log(metrics, progress.step)
         display.update(progress.step, metrics)
 
-    def _batches_from(self, progress: TrainingProgress):
+    def batches_from(self, progress: TrainingProgress):
         return step_batches(self.dataset, self.batch_layout, progress.consumed_samples, self.run_samples,
                             self.config.data.num_workers, offset=progress.skipped_samples)
 

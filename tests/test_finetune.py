@@ -190,8 +190,9 @@ def unpacked_test_loss(checkpoint: Path, blend: Path) -> float:
 
 @pytest.mark.slow
 def test_the_worked_nusax_example_beats_its_start_and_the_majority_baseline(tmp_path, sample_cache, checkpointed_run):
-    """The README's example, sized down: all twelve languages of the vendored data, one epoch, the task
-    scores on the first 40 documents of each split, validation once, after the last step."""
+    """The README's example, sized down: all twelve languages of the vendored data, 64 steps (half an
+    epoch: 0.61 macro-F1 against 0.64 after a whole one), the task scores on the first 40 documents of each
+    split, validation once, after the last step."""
     from data_tools.finetune.__main__ import main
 
     data = tmp_path / "nusax"
@@ -201,8 +202,9 @@ def test_the_worked_nusax_example_beats_its_start_and_the_majority_baseline(tmp_
     shutil.copytree(checkpointed_run, start)
     run_dir = tmp_path / "run"
     result = run_train(["experiment=finetune-quickstart", f"run.dir={run_dir}", f"data.blend={data / 'blend.json'}",
-                        f"checkpoint.init_from={start}", "train.epochs=1", "eval.interval=1000", "eval.tasks_limit=40",
-                        "logging.wandb.mode=disabled", "logging.tensorboard=false", "train.peak_tflops=1"])
+                        f"checkpoint.init_from={start}", "train.epochs=null", "train.max_steps=64",
+                        "eval.interval=1000", "eval.tasks_limit=40", "logging.wandb.mode=disabled",
+                        "logging.tensorboard=false", "train.peak_tflops=1"])
     before = json.loads((run_dir / "test_start.json").read_text())["tasks"]
     test = json.loads((run_dir / "test.json").read_text())
     after, baseline = test["tasks"], majority_baseline(40)

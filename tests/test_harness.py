@@ -217,25 +217,23 @@ def test_task_scores_reach_wandb_tensorboard_and_the_report(task_run):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", ["tensor2-pipeline2", "tensor2-data2"])
-def test_in_training_scores_under_a_layout_equal_the_harness(layout, tmp_path, hf_sample, sample_cache):
-    """tensor 2 x pipeline 2: the checkpoint it saves is also exact against lm-eval's hf model;
-    tensor 2 x data 2: the harness itself runs on two processes, splitting the requests."""
-    keys = ["parallel.tensor=2", "parallel.pipeline=2"] if layout == "tensor2-pipeline2" else [
-        "parallel.tensor=2", "parallel.data=2"]
+def test_in_training_scores_under_tensor_pipeline_and_data_parallel_equal_the_harness(tmp_path, hf_sample,
+                                                                                      sample_cache):
+    """tensor 2 x pipeline 2 x data 2: the requests are split over the data-parallel ranks in training and over
+    the harness's two processes after it; the checkpoint the run saves is also exact against lm-eval's hf model."""
+    from bloomtrain.checkpoint.hf import to_hf
+    from bloomtrain.checkpoint.store import resolve_checkpoint
+
     run_dir = tmp_path / "run"
-    run_torchrun(4, _task_run(run_dir, hf_sample, sample_cache, *keys), env=OFFLINE)
-    results = harness_scores(run_dir, tmp_path / "results.json", processes=2 if "data2" in layout else 1)
+    run_torchrun(8, _task_run(run_dir, hf_sample, sample_cache, "parallel.tensor=2", "parallel.pipeline=2",
+                              "parallel.data=2"), env=OFFLINE)
+    results = harness_scores(run_dir, tmp_path / "results.json", processes=2)
     in_training = last_task_scores(run_dir)
     assert set(results["bloomtrain"]["scores"]) == set(in_training)
     for name, value in in_training.items():
         assert results["bloomtrain"]["scores"][name] == pytest.approx(value, rel=1e-5, abs=1e-9), name
-    if layout == "tensor2-pipeline2":
-        from bloomtrain.checkpoint.hf import to_hf
-        from bloomtrain.checkpoint.store import resolve_checkpoint
-
-        checkpoint = resolve_checkpoint(run_dir)
-        assert_equals_lm_evals_hf_model(checkpoint, to_hf(checkpoint, tmp_path / "hf"))
+    checkpoint = resolve_checkpoint(run_dir)
+    assert_equals_lm_evals_hf_model(checkpoint, to_hf(checkpoint, tmp_path / "hf"))
 
 
 # ----------------------------------------------------------------------------------- the model alone

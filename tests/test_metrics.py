@@ -35,9 +35,6 @@ def test_configured_and_tabled_peaks_win_over_measuring(monkeypatch):
     assert device_peak(torch.device("cuda", 0), torch.float16).flops == 125e12  # A10, not A100's row
 
 
-@pytest.mark.slow  # about 45 s of matmuls
-
-
 def _long_matmul_flops(size: int = 4096, runs: int = 3, seconds: float = 1.5) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.matmul(a, b)
@@ -51,6 +48,7 @@ def _long_matmul_flops(size: int = 4096, runs: int = 3, seconds: float = 1.5) ->
     return best
 
 
+@pytest.mark.slow  # 20-45 s of matmuls
 def test_measured_peak_agrees_with_a_long_independent_measurement():
     """The start-up probe against a separate, longer measurement taken just before and just after it.
     This VM's speed can drop by a fifth for several seconds (seen once in CI: probe 119, reference 151
@@ -84,3 +82,17 @@ def test_the_peak_probe_is_bounded_and_says_when_a_precision_is_slow(caplog):
     slow = [record.getMessage() for record in caplog.records if "fp32 will train faster" in record.getMessage()]
     if slow:  # on this kind of CPU: the factor it states is at least the threshold
         assert float(slow[0].split("x slower than fp32")[0].rsplit(" ", 1)[1]) >= 4
+
+
+def test_a_line_still_being_written_is_not_read_and_a_resume_drops_a_torn_one(tmp_path):
+    """``metrics.jsonl`` is read while a run appends to it, and a kill can land in a write."""
+    from bloomtrain.config import LoggingConfig, WandbConfig
+    from bloomtrain.metrics import METRICS_FILE, MetricsLogger, read_metrics
+
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2]
+    logger = MetricsLogger(tmp_path, LoggingConfig(wandb=WandbConfig(mode="disabled")), "run", {}, resume_step=2)
+    logger.log({"loss": 1.8}, step=3)
+    logger.close()
+    assert [(row["step"], row["loss"]) for row in read_metrics(tmp_path)] == [(1, 2.0), (2, 1.9), (3, 1.8)]

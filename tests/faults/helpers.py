@@ -3,9 +3,9 @@ that an outcome was "handled" (one line from bloomtrain, no library traceback)."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from bloomtrain.metrics import read_metrics
 from tests import conftest
 
 
@@ -24,7 +24,7 @@ def assert_one_line_error(stderr: str, *expected: str) -> str:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def latest(run_dir: Path) -> str:

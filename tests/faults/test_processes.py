@@ -97,11 +97,13 @@ def test_a_killed_rank_ends_the_run_in_seconds_and_a_restart_resumes(tmp_path, s
 
 
 def test_a_hung_rank_is_named_and_the_run_ends_at_the_speed_of_the_step(tmp_path, sample_cache):
-    """Default settings: once the steps are timed (0.1 s each here), the launcher names a silent rank after
-    30 s (10 steps' worth, at least 30 s) and its peers' collectives give up after 60 s (20 steps' worth, at
-    least a minute), instead of the start-up bounds of 5 and 10 minutes."""
+    """Once the steps are timed (0.1 s each here), the launcher names a silent rank after 30 s (10 steps'
+    worth, at least 30 s) and its peers' collectives give up after 40 s (20 steps' worth, at least
+    distributed.min_step_timeout_seconds: a minute by default, 40 s here to keep the test short), instead
+    of the start-up bounds of 5 and 10 minutes."""
     # No checkpoints: a save keeps the start-up bound (10 min), and the stop must land in a step.
-    run = Launch(tmp_path / "run", sample_cache, 400, "checkpoint.interval=0")
+    run = Launch(tmp_path / "run", sample_cache, 400, "checkpoint.interval=0",
+                 "distributed.min_step_timeout_seconds=40")
     deadline = time.monotonic() + 300
     while not (tmp_path / "run" / "metrics.jsonl").exists() or len(metrics(tmp_path / "run")) < 6:
         assert time.monotonic() < deadline and run.process.poll() is None, run.said()[-3000:]
@@ -123,7 +125,7 @@ def test_a_hung_rank_is_named_and_the_run_ends_at_the_speed_of_the_step(tmp_path
     assert status != 0
     line = assert_one_line_error(output, "rank 1 has not responded for over 30 s")
     assert named_after is not None and named_after < 60, (named_after, line)
-    line = assert_one_line_error(output, "rank 0: a collective failed while", "collectives gave up after 60 s")
+    line = assert_one_line_error(output, "rank 0: a collective failed while", "collectives gave up after 40 s")
     assert "Timed out" in line or "timed out" in line
     assert ended_after < 180, ended_after  # the timeout, then torchrun's 30 s for a process ignoring SIGTERM
     assert not _processes_of(tmp_path / "run")
